@@ -1,0 +1,1 @@
+"""Benchmarks: generation, GSM-8K, MATH, HumanEval, the code sandbox."""

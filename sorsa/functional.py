@@ -1,0 +1,107 @@
+"""The SORSA math (arXiv 2409.00055, Sec. 3) as pure tensor functions.
+
+Every other module (layer, model, trainer, merge, export) calls these; nothing here holds state.
+Shapes: a linear layer y = W x has W: (out, in); the adapter has U_p: (out, r), S_p: (r,), Vh_p: (r, in).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SVD_METHODS = ("full", "randomized")
+
+
+def svd_top(weight: torch.Tensor, rank: int, method: str = "full", niter: int = 4,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` singular triplets of `weight` (out, in), computed in float32 on its device.
+
+    Returns U: (out, r), S: (r,) descending, Vh: (r, in), all float32. `method="randomized"` is
+    Halko et al.'s randomized SVD (`torch.svd_lowrank`, q = rank, `niter` subspace iterations) as
+    PiSSA's fast initialisation uses; its random test matrix is drawn from `seed`, so the same
+    weight, rank, niter and seed always give the same factors.
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd method {method!r} is unknown; expected one of {SVD_METHODS}")
+    # The reference cast the weight with a discarded `.to(float32)` and so decomposed bf16
+    # weights in bf16; we always decompose a float32 copy.
+    w = weight.detach().to(torch.float32)  # (out, in)
+    if method == "full":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+        return U[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous()
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(w, q=rank, niter=niter)  # (out, r), (r,), (in, r)
+    return U.contiguous(), S.contiguous(), V.T.contiguous()
+
+
+def adapter_delta(U_p: torch.Tensor, S_p: torch.Tensor, Vh_p: torch.Tensor,
+                  scale: float = 1.0) -> torch.Tensor:
+    """scale · U_p diag(S_p) Vh_p in float32: (out, r), (r,), (r, in) -> (out, in).
+
+    Used only by initialisation, merge and export; the forward never builds this matrix.
+    """
+    U, S, Vh = U_p.to(torch.float32), S_p.to(torch.float32), Vh_p.to(torch.float32)
+    return scale * ((U * S) @ Vh)  # (out, r) * (r,) -> (out, r); @ (r, in) -> (out, in)
+
+
+def split_weight(weight: torch.Tensor, U_p: torch.Tensor, S_p: torch.Tensor, Vh_p: torch.Tensor,
+                 scale: float, residual_dtype: torch.dtype) -> torch.Tensor:
+    """W_res = W − scale · U_p diag(S_p) Vh_p in float32, cast to `residual_dtype`; (out, in).
+
+    The adapter tensors are passed as stored (after their cast to the adapter dtype), so
+    W_res + adapter reproduces W up to the residual cast, and a reload that recomputes W_res from
+    the same stored factors gets the identical residual.
+    """
+    return (weight.detach().to(torch.float32) - adapter_delta(U_p, S_p, Vh_p, scale)).to(residual_dtype)
+
+
+def init_factors(weight: torch.Tensor, rank: int, scale: float = 1.0, method: str = "full",
+                 niter: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Initial adapter (U_p, S_p, Vh_p) in float32 from the top-`rank` SVD of `weight`.
+
+    S_p starts at the singular values divided by `scale`, so scale · U_p diag(S_p) Vh_p is the
+    rank-r principal part for any alpha and W_res is exactly the SVD tail.
+    """
+    U, S, Vh = svd_top(weight, rank, method=method, niter=niter, seed=seed)
+    return U, S / scale, Vh
+
+
+def adapter_forward(x: torch.Tensor, U_p: torch.Tensor, S_p: torch.Tensor, Vh_p: torch.Tensor,
+                    scale: float = 1.0) -> torch.Tensor:
+    """scale · U_p (S_p ⊙ (Vh_p x)) for x: (..., in) -> (..., out), never forming U_p S_p Vh_p.
+
+    Costs two thin matmuls, the same as LoRA's B (A x); the diagonal is an (..., r) product.
+    """
+    h = F.linear(x, Vh_p)  # (..., in) -> (..., r)
+    h = h * (S_p * scale)  # (..., r)
+    return F.linear(h, U_p)  # (..., r) -> (..., out)
+
+
+def orthonormality_error(M: torch.Tensor) -> torch.Tensor:
+    """‖MᵀM − I‖_F (unsquared) for M: (n, r) with r ≤ n; 0-dim, differentiable.
+
+    Pass U_p as is and Vh_p transposed (‖Vh Vhᵀ − I‖_F = ‖(Vhᵀ)ᵀ Vhᵀ − I‖_F).
+    """
+    M = M.to(torch.float32)
+    gram = M.T @ M  # (r, r)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.matrix_norm(gram - eye, ord="fro")
+
+
+def orthonormal_loss_pair(U_p: torch.Tensor, Vh_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖U_pᵀU_p − I‖_F, ‖Vh_p Vh_pᵀ − I‖_F) for one adapter; the paper's L_o terms (Eq. 6)."""
+    return orthonormality_error(U_p), orthonormality_error(Vh_p.T)
+
+
+def lora_factors(U_p: torch.Tensor, S_p: torch.Tensor, Vh_p: torch.Tensor, U_0: torch.Tensor,
+                 S_0: torch.Tensor, Vh_0: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank-2r LoRA (B: (out, 2r), A: (2r, in)) with B A = scale · (U_p S_p Vh_p − U_0 S_0 Vh_0).
+
+    This is the trained adapter's change relative to the untouched base weight W = W_res +
+    scale · U_0 S_0 Vh_0, so a LoRA with scaling 1 on the original model reproduces the trained one.
+    """
+    f32 = torch.float32
+    B = torch.cat([scale * U_p.to(f32) * S_p.to(f32), -scale * U_0.to(f32) * S_0.to(f32)], dim=1)
+    A = torch.cat([Vh_p.to(f32), Vh_0.to(f32)], dim=0)
+    return B.contiguous(), A.contiguous()

@@ -1,0 +1,103 @@
+"""SORSALinear: an nn.Linear whose principal singular part is a trainable U_p diag(S_p) Vh_p.
+
+The original layer is wrapped (`base_layer`), not re-created: its weight becomes the frozen W_res
+and its bias stays where it is, so the bias is added exactly once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import functional as SF
+
+
+class SORSALinear(nn.Module):
+    """y = W_res x + b + scale · U_p (S_p ⊙ (Vh_p dropout(x))).
+
+    base_layer: the wrapped nn.Linear (out, in); its weight is W_res, frozen.
+    U_p: (out, r), S_p: (r,), Vh_p: (r, in) trainable, in `adapter_dtype` (float32 in the paper,
+    over a bf16 residual). The buffers U_0, S_0, Vh_0 keep the initial factors: they define W_res,
+    so `save_adapter` can store them and `export_lora` can express the change as a LoRA.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, scale: float = 1.0, dropout: float = 0.0,
+                 adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SORSALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.rank, self.scale = rank, float(scale)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        factory = dict(device=device, dtype=adapter_dtype)
+        self.U_p = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (out, r)
+        self.S_p = nn.Parameter(torch.zeros(rank, **factory))  # (r,)
+        self.Vh_p = nn.Parameter(torch.zeros(rank, self.in_features, **factory))  # (r, in)
+        # Initial factors; not in the state dict (the adapter file stores them explicitly).
+        self.register_buffer("U_0", torch.zeros(self.out_features, rank, **factory), persistent=False)
+        self.register_buffer("S_0", torch.zeros(rank, **factory), persistent=False)
+        self.register_buffer("Vh_0", torch.zeros(rank, self.in_features, **factory), persistent=False)
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (W_res, or the merged weight after `merge()`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @torch.no_grad()
+    def set_factors(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                    residual_dtype: torch.dtype | None = None):
+        """Install initial factors (U: (out, r), S: (r,), Vh: (r, in)) and set W_res from them.
+
+        W_res = W − scale · U diag(S) Vh is computed from the factors as stored (adapter dtype),
+        in float32, then cast to `residual_dtype` (default: the weight's current dtype).
+        """
+        W = self.base_layer.weight
+        residual_dtype = residual_dtype or W.dtype
+        for name, value in (("U_p", U), ("S_p", S), ("Vh_p", Vh), ("U_0", U), ("S_0", S), ("Vh_0", Vh)):
+            getattr(self, name).copy_(value)
+        W_res = SF.split_weight(W, self.U_0, self.S_0, self.Vh_0, self.scale, residual_dtype)
+        self.base_layer.weight = nn.Parameter(W_res, requires_grad=False)
+        self.merged = False
+
+    @torch.no_grad()
+    def initialize(self, method: str = "full", niter: int = 4, seed: int = 0,
+                   residual_dtype: torch.dtype | None = None):
+        """SVD initialisation (float32) of this layer from its current weight."""
+        U, S, Vh = SF.init_factors(self.base_layer.weight, self.rank, self.scale, method, niter, seed)
+        self.set_factors(U, S, Vh, residual_dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · U_p diag(S_p) Vh_p in float32, (out, in); feeds merge and analysis."""
+        return SF.adapter_delta(self.U_p, self.S_p, self.Vh_p, self.scale)
+
+    @torch.no_grad()
+    def merge(self, dtype: torch.dtype | None = None):
+        """Fold the adapter into the base weight (float32 sum, then cast); a second call is a no-op."""
+        if self.merged:
+            return
+        W = self.base_layer.weight
+        merged = (W.to(torch.float32) + self.delta_weight()).to(dtype or W.dtype)
+        self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
+        self.merged = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Mixed dtypes: the residual may be bf16 while the adapters are float32 (the paper's
+        # setting) and the activations either. Each path runs in its own weights' dtype and the
+        # sum is returned in the input's dtype. Under autocast both follow the autocast dtype.
+        W = self.base_layer.weight
+        result = self.base_layer(x if x.dtype == W.dtype else x.to(W.dtype))  # W_res x + b: (..., out)
+        if self.merged:
+            return result.to(x.dtype)
+        h = self.adapter_dropout(x).to(self.U_p.dtype)
+        delta = SF.adapter_forward(h, self.U_p, self.S_p, self.Vh_p, self.scale)  # (..., out)
+        return result.to(x.dtype) + delta.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scale={self.scale}, merged={self.merged}")

@@ -1,0 +1,135 @@
+"""Forward+backward time and peak memory of one adapted linear layer: SORSA vs PEFT LoRA vs the
+reference's dense-delta SORSA forward, interleaved in one run; and full vs randomized SVD init time.
+
+    python scripts/bench_adapter.py                  # 4096x4096, rank 128, batch 4x256, fp32
+    python scripts/bench_adapter.py --dim 1024 --rank 32 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sorsa import SORSALinear
+from sorsa import functional as SF
+
+METHODS = ("sorsa", "lora", "dense", "frozen")
+
+
+class DenseDeltaSORSA(nn.Module):
+    """The reference implementation's forward: builds W_res + U_p diag(S_p) Vh_p (out x in) every call."""
+
+    def __init__(self, layer: SORSALinear):
+        super().__init__()
+        self.W_res = layer.base_layer.weight
+        self.U_p, self.S_p, self.Vh_p = (nn.Parameter(layer.U_p.detach().clone()), nn.Parameter(layer.S_p.detach().clone()),
+                                         nn.Parameter(layer.Vh_p.detach().clone()))
+
+    def forward(self, x):
+        return F.linear(x, self.W_res + (self.U_p * self.S_p) @ self.Vh_p)
+
+
+def build(method: str, dim: int, rank: int) -> nn.Module:
+    torch.manual_seed(0)
+    base = nn.Linear(dim, dim, bias=False)
+    base.weight.requires_grad_(False)
+    if method == "frozen":
+        return base
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        holder = nn.Sequential()
+        holder.add_module("proj", base)
+        return get_peft_model(holder, LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"])).base_model.model.proj
+    layer = SORSALinear(base, rank)
+    layer.initialize(method="randomized", niter=1, seed=0)  # the factors' values do not change the timing
+    return layer if method == "sorsa" else DenseDeltaSORSA(layer)
+
+
+def step(module: nn.Module, x: torch.Tensor):
+    out = module(x)
+    out.backward(torch.ones_like(out))  # gradients to the adapter and to the input, as inside a network
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+
+
+def peak_rss_bytes_of(method: str, args) -> int | None:
+    """Peak resident memory added by one forward+backward, measured in a fresh process (Linux)."""
+    cmd = [sys.executable, __file__, "--memory-of", method, "--dim", str(args.dim), "--rank", str(args.rank),
+           "--batch", str(args.batch), "--seq", str(args.seq)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    except (IndexError, ValueError, KeyError):
+        return None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_memory(method: str, args):
+    module = build(method, args.dim, args.rank)
+    x = torch.randn(args.batch, args.seq, args.dim, requires_grad=True)
+    step(module, x)  # warm-up: allocator pools and thread buffers
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    before = _status_kb("VmRSS")
+    step(module, x)
+    print(json.dumps({"peak_bytes": (_status_kb("VmHWM") - before) * 1024}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-svd", action="store_true", help="skip the SVD init timing")
+    ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_of:
+        return measure_memory(args.memory_of, args)
+
+    print(f"layer {args.dim}x{args.dim}, rank {args.rank}, batch {args.batch}x{args.seq}, fp32, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    modules = {m: build(m, args.dim, args.rank) for m in METHODS}
+    x = torch.randn(args.batch, args.seq, args.dim, requires_grad=True)
+    times = {m: [] for m in METHODS}
+    for m in METHODS:  # warm-up
+        step(modules[m], x)
+    for _ in range(args.repeats):  # interleaved, so drifts of the machine hit every method alike
+        for m in METHODS:
+            t0 = time.perf_counter()
+            step(modules[m], x)
+            times[m].append(time.perf_counter() - t0)
+    med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+    for m in METHODS:
+        mem = peak_rss_bytes_of(m, args)
+        mem_s = f"{mem / 2**20:8.1f} MiB" if mem is not None else "     n/a"
+        print(f"{m:7s} fwd+bwd median {med[m]:8.1f} ms (min {min(times[m]) * 1e3:7.1f})  peak extra RSS {mem_s}")
+    print(f"ratio SORSA/LoRA = {med['sorsa'] / med['lora']:.3f}   dense/SORSA = {med['dense'] / med['sorsa']:.2f}")
+
+    if not args.no_svd:
+        W = torch.randn(args.dim, args.dim)
+        for method, kw in (("full", {}), ("randomized", {"niter": 4, "seed": 0})):
+            t0 = time.perf_counter()
+            SF.svd_top(W, args.rank, method, **kw)
+            print(f"SVD init {method:10s} {time.perf_counter() - t0:7.2f} s" + (" (niter 4)" if kw else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The paper's baselines through the `peft` library: LoRA (Hu et al., 2021) and PiSSA (arXiv 2404.02948).
+
+Both use alpha = r (scale 1) as the reference does. A trained PiSSA adapter is saved converted to a
+rank-2r LoRA of the untouched base model, so LoRA and PiSSA runs merge and export alike.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+
+def peft_init(method: str, svd: str = "full", niter: int = 4):
+    """peft's `init_lora_weights` for a method: True (LoRA), "pissa" or "pissa_niter_N" (fast SVD)."""
+    if method == "lora":
+        return True
+    if method == "pissa":
+        return "pissa" if svd == "full" else f"pissa_niter_{niter}"
+    raise ValueError(f"peft baseline {method!r} is unknown; use 'lora' or 'pissa'")
+
+
+def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules: list[str] | str,
+                        dropout: float = 0.0, svd: str = "full", niter: int = 4):
+    """Wrap `model` in a peft LoRA/PiSSA model with rank r, alpha r and the given targets."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=target_modules,
+                        bias="none", task_type="CAUSAL_LM", init_lora_weights=peft_init(method, svd, niter))
+    return get_peft_model(model, config)
+
+
+def save_initial_pissa(peft_model, init_dir: str | os.PathLike):
+    """Save a freshly initialised PiSSA adapter, needed later to convert the trained one to LoRA."""
+    config = peft_model.peft_config["default"]
+    init_value = config.init_lora_weights
+    config.init_lora_weights = True  # so that loading this file does not run PiSSA again
+    try:
+        peft_model.save_pretrained(str(init_dir))
+    finally:
+        config.init_lora_weights = init_value
+
+
+def save_peft_adapter(peft_model, adapter_dir: str | os.PathLike, init_dir: str | os.PathLike | None = None):
+    """Save the trained adapter; a PiSSA adapter (with `init_dir`) is converted to a rank-2r LoRA."""
+    kwargs = {}
+    if init_dir is not None and Path(init_dir).is_dir():
+        kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
+    peft_model.save_pretrained(str(adapter_dir), **kwargs)

@@ -1,0 +1,142 @@
+"""The orthonormal regularizer inside the Hugging Face Trainer: the exact gradient the optimizer sees,
+once per step, after clipping; logging; adapter-only checkpoints and an exact resume."""
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
+
+from sorsa import SORSAConfig, apply_sorsa, sorsa_layers
+from sorsa.trainer import SORSATrainer, SORSATrainingArguments, regularizer_coefficient
+
+VOCAB = 64
+
+
+def tiny_sorsa_model():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    return apply_sorsa(model, SORSAConfig(rank=4), progress=False)
+
+
+def tiny_dataset(n=32, length=10):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (n, length), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a masked prompt
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(),
+                              "attention_mask": torch.ones_like(ids).tolist()})
+
+
+def make_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, max_steps=3, max_grad_norm=0.05,
+                gamma=0.5, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0,
+                data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    base.update(kw)
+    return SORSATrainingArguments(**base)
+
+
+def reference_ortho_grads(model):
+    """∇ of mean(‖UᵀU − I‖_F, ‖Vh Vhᵀ − I‖_F) written out independently of sorsa.functional, in float64."""
+    params, terms = [], []
+    for _, layer in sorsa_layers(model):
+        U = layer.U_p.detach().double().requires_grad_(True)
+        Vh = layer.Vh_p.detach().double().requires_grad_(True)
+        eye = torch.eye(U.shape[1], dtype=torch.double)
+        terms += [((U.T @ U - eye) ** 2).sum().sqrt(), ((Vh @ Vh.T - eye) ** 2).sum().sqrt()]
+        params += [U, Vh]
+    grads = torch.autograd.grad(torch.stack(terms).mean(), params)
+    return grads
+
+
+class RecordingTrainer(SORSATrainer):
+    """Records the adapter gradients right after clipping and at the moment the optimizer steps."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.clipped, self.seen, self.expected_reg = [], [], []
+
+    def _adapter_grads(self):
+        return [p.grad.detach().clone() for _, l in sorsa_layers(self.model) for p in (l.U_p, l.Vh_p)]
+
+    def _clip_grad_norm(self, model):
+        out = super()._clip_grad_norm(model)
+        self.clipped.append(self._adapter_grads())
+        self.clipped_total_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()
+                                                 if p.grad is not None))
+        self.norms = getattr(self, "norms", []) + [self.clipped_total_norm.item()]
+        return out
+
+    def create_optimizer(self, *a, **kw):
+        opt = super().create_optimizer(*a, **kw)
+        inner_step = opt.step
+
+        def step(*args, **kwargs):
+            self.seen.append(self._adapter_grads())
+            self.expected_reg.append(reference_ortho_grads(self.model))
+            return inner_step(*args, **kwargs)
+
+        opt.step = step
+        return opt
+
+
+def test_coefficient_is_gamma_over_lr_over_accumulation():
+    assert regularizer_coefficient(4e-4, 3e-5, 64) == pytest.approx(4e-4 / 3e-5 / 64, rel=1e-12)
+    assert regularizer_coefficient(0.5, 1e-3, 4) == pytest.approx(125.0, rel=1e-12)
+
+
+def test_optimizer_sees_clipped_task_gradient_plus_coef_times_ortho_gradient_once(tmp_path):
+    model = tiny_sorsa_model()
+    # Move the adapters off the Stiefel manifold so that ∇L_o is not zero.
+    with torch.no_grad():
+        for _, layer in sorsa_layers(model):
+            layer.U_p.mul_(1.3), layer.Vh_p.add_(0.05 * torch.randn_like(layer.Vh_p))
+    args = make_args(tmp_path)
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    trainer.train()
+    coef = 0.5 / 1e-3 / 4
+    assert len(trainer.seen) == len(trainer.clipped) == len(trainer.expected_reg) == 3 == trainer.state.global_step
+    assert len(trainer.regularizer.values) == 0  # all were logged
+    for clipped, seen, reg in zip(trainer.clipped, trainer.seen, trainer.expected_reg):
+        for c, s, r in zip(clipped, seen, reg):
+            expected = c.double() + coef * r
+            # float32 arithmetic vs a float64 reference
+            torch.testing.assert_close(s.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+            assert (coef * r).abs().max() > 1e-3  # the regularizer term is really there
+    # Clipping was active: the task gradient norm after clipping equals max_grad_norm.
+    assert all(n == pytest.approx(0.05, rel=1e-4) for n in trainer.norms)
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logged) == 3 and all(r["ortho_loss"] > 0 for r in logged)
+
+
+def test_gamma_zero_adds_nothing(tmp_path):
+    trainer = RecordingTrainer(model=tiny_sorsa_model(), args=make_args(tmp_path, gamma=0.0, max_steps=1),
+                               train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    trainer.train()
+    assert trainer.regularizer is None
+    for c, s in zip(trainer.clipped[0], trainer.seen[0]):
+        assert torch.equal(c, s)
+
+
+def test_checkpoints_hold_the_adapter_only_and_resume_is_exact(tmp_path):
+    args = dict(max_steps=4, save_strategy="steps", save_steps=2, max_grad_norm=1.0, gamma=4e-2)
+    full = SORSATrainer(model=tiny_sorsa_model(), args=make_args(tmp_path / "a", **args),
+                        train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    full.train()
+    ckpt = tmp_path / "a" / "ckpt" / "checkpoint-2"
+    files = {p.name for p in ckpt.iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    # An interrupted run: only checkpoint-2 exists; resuming must end at the same adapter.
+    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+    shutil.copytree(ckpt, tmp_path / "b" / "ckpt" / "checkpoint-2")
+    resumed = SORSATrainer(model=tiny_sorsa_model(), args=make_args(tmp_path / "b", **args),
+                           train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "ckpt" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for (n, a), (_, b) in zip(sorsa_layers(full.model), sorsa_layers(resumed.model)):
+        for f in ("U_p", "S_p", "Vh_p"):
+            torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=0, atol=1e-6, msg=f"{n}.{f}")
+    moved = max((a.U_p - a.U_0).abs().max().item() for _, a in sorsa_layers(full.model))
+    assert moved > 1e-4  # training really changed the adapter

@@ -1,0 +1,419 @@
+"""SORSA toolkit command line: train, merge and test a named run under --run-path (default ./runs).
+
+    python run.py --config configs/quickstart.yaml                 # the offline default: train, merge, test
+    python run.py -n llama2_sorsa -p sorsa --model meta-llama/Llama-2-7b-hf -r 128 --train --merge --test
+    python run.py -n llama2_sorsa --test --test-dataset math         # score a finished run on another benchmark
+    python run.py --test --model path/to/any/model --test-dataset gsm-8k
+
+Settings resolve as: defaults (the paper's SORSA recipe) < the run's saved config (merge/test of an
+existing run) < --config FILE.yaml < command-line flags. See README.md for every flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ACTIONS = ("train", "merge", "test")
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RWKV_TARGETS = ["attention.receptance", "attention.key", "attention.value", "attention.gate",
+                "attention.output", "feed_forward.key", "feed_forward.value", "feed_forward.receptance"]
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def build_parser() -> argparse.ArgumentParser:
+    S = argparse.SUPPRESS  # a flag that was not given does not override the config file
+    B = argparse.BooleanOptionalAction  # --x / --no-x, so a flag can also switch off a config's setting
+    p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0], argument_default=S,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", metavar="FILE.yaml", help="settings from a YAML file (same keys as the flags, with _)")
+    g = p.add_argument_group("jobs (several run in the order train, merge, test)")
+    g.add_argument("-t", "--train", action=B, help="fine-tune and save the adapter")
+    g.add_argument("-m", "--merge", action=B, help="fold the adapter into the base model")
+    g.add_argument("-T", "--test", action=B, help="generate and score a benchmark")
+    g = p.add_argument_group("model and method")
+    g.add_argument("-n", "--name", help="the run's name: its directory is RUN_PATH/NAME")
+    g.add_argument("-p", "--peft", choices=["sorsa", "lora", "pissa", "full"], help="method (default sorsa)")
+    g.add_argument("--model", help="hub id or local directory of the base model (default meta-llama/Llama-2-7b-hf)")
+    g.add_argument("--tokenizer", help="hub id or directory of the tokenizer (default: the model's)")
+    g.add_argument("--rwkv", action=B, help="the model is RWKV6 (Finch)")
+    g.add_argument("-r", "--rank", type=int, help="adapter rank r (default 128)")
+    g.add_argument("-a", "--alpha", type=float, help="scale = alpha / r (default: none, scale 1)")
+    g.add_argument("-g", "--gamma", type=float, help="orthonormal regularizer gamma (default 4e-4)")
+    g.add_argument("-d", "--dropout", type=float, help="adapter dropout (default 0)")
+    g.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: the 7 projections)")
+    g.add_argument("--svd", choices=["full", "randomized"], help="SVD for the init (default full)")
+    g.add_argument("--svd-niter", type=int, help="subspace iterations of the randomized SVD (default 4)")
+    g = p.add_argument_group("training data and optimisation")
+    g.add_argument("--train-dataset", choices=["metamath", "code"], help="default metamath")
+    g.add_argument("--split", help="slice of the train split, e.g. '[:100000]' (default)")
+    g.add_argument("--train-file", help="local json/jsonl/parquet instead of the hub dataset")
+    g.add_argument("-l", "--length", type=int, help="max tokens of the prompt and of the response, each (default 512)")
+    g.add_argument("--seed", type=int, help="default 42")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-5)")
+    g.add_argument("--wd", type=float, help="weight decay (default 0)")
+    g.add_argument("--scheduler", help="learning-rate schedule (default cosine)")
+    g.add_argument("--warmup", type=float, help="warmup: a ratio (< 1) or a number of steps (default 0.03)")
+    g.add_argument("--batch-size", type=int, help="per-device batch (default 2)")
+    g.add_argument("--accum-steps", "--accum-step", dest="accum_steps", type=int,
+                   help="gradient-accumulation steps (default 64)")
+    g.add_argument("--epochs", type=float, help="default 1")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
+    g.add_argument("--mix-precision", action="append", choices=["bf16", "fp16", "fp32", "tf32"],
+                   help="repeatable; default bf16 + tf32 (bf16 residual, float32 adapters)")
+    g.add_argument("--grad-cp", action=B, help="gradient checkpointing")
+    g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 500)")
+    g.add_argument("--logging-steps", type=int, help="log every N steps (default 1)")
+    g.add_argument("--resume", action=B, help="continue from the run's last checkpoint")
+    g.add_argument("--overwrite", action=B, help="replace a finished run of the same name")
+    g.add_argument("--report-to", help="none (default), tensorboard or wandb")
+    g.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed JSON config")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--test-dataset", choices=["gsm-8k", "math", "humaneval"], help="default gsm-8k")
+    g.add_argument("--test-file", help="local test data instead of the hub dataset")
+    g.add_argument("--test-precision", choices=["bf16", "fp16", "fp32"], help="default bf16")
+    g.add_argument("--valid-batch-size", type=int, help="generation batch (default 8)")
+    g.add_argument("--max-new-tokens", type=int, help="default 1024 (gsm-8k), 2048 (math, humaneval)")
+    g.add_argument("--limit", type=int, help="score the first N examples only")
+    g.add_argument("--backend", choices=["auto", "hf", "vllm"], help="generation backend (default auto)")
+    g.add_argument("--export-lora", action=B, help="with --merge: also write the PEFT LoRA form")
+    g = p.add_argument_group("paths")
+    g.add_argument("--run-path", help="where runs live (default ./runs)")
+    g.add_argument("--cache-path", help="Hugging Face download cache (default: HF_HOME)")
+    g.add_argument("--svd-cache-path", help="reuse SVD initialisations saved here")
+    g.add_argument("--local", action=B, help="load models and data from local files only")
+    g.add_argument("--trust-remote-code", action=B, help="allow a model's own code (off by default)")
+    return p
+
+
+def resolve_config(argv: list[str] | None = None):
+    """The RunConfig of this call: defaults < saved run config < --config file < flags."""
+    from sorsa.config import RunConfig, load_yaml
+
+    cli = vars(build_parser().parse_args(argv))
+    config_file = cli.pop("config", None)
+    from_file = load_yaml(config_file) if config_file else {}
+    unknown = sorted(set(from_file) - set(RunConfig.keys()))
+    if unknown:
+        raise UserError(f"{config_file}: unknown key(s) {unknown}; known keys: {', '.join(RunConfig.keys())}")
+    merged = {**from_file, **cli}
+    if not any(merged.get(a) for a in ACTIONS):
+        raise UserError("nothing to do: give at least one of --train, --merge, --test (or a --config that sets them)")
+    # merge/test of an existing run start from the settings it was trained with
+    run_path = merged.get("run_path", RunConfig.run_path)
+    if merged.get("name") and not merged.get("train"):
+        saved = Path(run_path) / merged["name"] / "config.yaml"
+        if saved.is_file():
+            base = {k: v for k, v in load_yaml(saved).items() if k not in ACTIONS and k in RunConfig.keys()}
+            merged = {**base, **merged}
+    if merged.get("rwkv") and "target_modules" not in merged:
+        merged["target_modules"] = RWKV_TARGETS
+    return RunConfig.from_mapping(merged, source=config_file or "command line")
+
+
+def run_dir_of(cfg) -> Path:
+    """RUN_PATH/NAME, refusing names that escape RUN_PATH."""
+    if not cfg.name:
+        raise UserError("--name is required (the run directory is RUN_PATH/NAME)")
+    root = Path(cfg.run_path).resolve()
+    path = (root / cfg.name).resolve()
+    if path == root or root not in path.parents:
+        raise UserError(f"--name {cfg.name!r} must stay inside --run-path {cfg.run_path}; use a plain name")
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_model_name(name: str, cfg) -> str:
+    """A builtin name, an existing directory, or a hub id (checked for obvious path mistakes)."""
+    if name.startswith("builtin:"):
+        from sorsa.builtin import resolve_builtin
+
+        return resolve_builtin(name, builtin_cache(cfg))
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise UserError(f"model path {name} does not exist; give an existing directory or a hub id like "
+                        "meta-llama/Llama-2-7b-hf")
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def builtin_cache(cfg) -> Path:
+    return Path(cfg.cache_path) if cfg.cache_path else Path(cfg.run_path) / ".builtin"
+
+
+def resolve_data_file(path: str | None, cfg, split: str) -> str | None:
+    """A local data file, or the file behind a builtin: name (materialised on first use)."""
+    if path and path.startswith("builtin:"):
+        from sorsa.builtin import resolve_builtin
+
+        return resolve_builtin(path, builtin_cache(cfg), split=split)
+    return path
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    if Path(name).exists():
+        return UserError(f"could not load {name}: {str(err).splitlines()[0]}")
+    return UserError(f"could not reach model {name!r}: it is not a local directory and the Hugging Face Hub "
+                     "could not be reached (offline?) or does not have it; download it where there is network "
+                     f"(`huggingface-cli download {name} --local-dir DIR`) and pass --model DIR "
+                     "(gated models also need HF_TOKEN)")
+
+
+def load_tokenizer(cfg, name: str | None = None):
+    from transformers import AutoTokenizer
+
+    name = resolve_model_name(name or cfg.tokenizer or cfg.model, cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, cache_dir=cfg.cache_path, local_files_only=cfg.local,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from None
+    if tok.pad_token is None:  # Llama 2 has none; padding is masked out of loss and attention
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def load_model(cfg, dtype, name: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name = resolve_model_name(name or cfg.model, cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_path,
+                                                     local_files_only=cfg.local,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from None
+    if torch.cuda.is_available() and not cfg.deepspeed:
+        model = model.to("cuda")
+    return model
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+# ----------------------------------------------------------------------------- run records
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_run_record(cfg, run_dir: Path):
+    """The resolved config (config.yaml), package versions and the git commit (env.json)."""
+    import importlib.metadata as md
+
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "deepspeed", "sorsa"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {"versions": versions, "git_commit": commit, "python": sys.version.split()[0], "argv": sys.argv}
+    _atomic_write(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- train
+
+TRAIN_DONE = "train_done.json"
+
+
+def _prepare_train_dir(cfg, run_dir: Path) -> str | None:
+    """Check the run directory's state; returns the checkpoint to resume from, if any."""
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoints = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
+        if ckpt_dir.is_dir() else []
+    if cfg.overwrite:
+        for sub in ("checkpoints", "adapter", "pissa_init", "merged", "eval", "lora_export", "model"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        (run_dir / TRAIN_DONE).unlink(missing_ok=True)
+        return None
+    if (run_dir / TRAIN_DONE).exists():
+        raise UserError(f"run {cfg.name!r} has finished training ({run_dir}); pass --overwrite to train it again "
+                        "or choose another --name")
+    if checkpoints and not cfg.resume:
+        raise UserError(f"run {cfg.name!r} has checkpoints up to {checkpoints[-1].name}; pass --resume to continue "
+                        "it or --overwrite to start again")
+    if cfg.resume and not checkpoints:
+        print(f"[run] --resume: no checkpoint in {ckpt_dir} yet, starting from the beginning")
+    return str(checkpoints[-1]) if cfg.resume and checkpoints else None
+
+
+def build_training_arguments(cfg, run_dir: Path):
+    import torch
+
+    from sorsa.trainer import SORSATrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return SORSATrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), gamma=cfg.gamma if cfg.peft == "sorsa" else 0.0,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.accum_steps,
+        learning_rate=cfg.lr, weight_decay=cfg.wd, lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup if cfg.warmup < 1 else int(cfg.warmup),  # < 1: a ratio of the steps
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", tf32=("tf32" in cfg.mix_precision) and on_gpu,
+        activation_checkpointing=cfg.grad_cp, save_strategy="steps", save_steps=cfg.save_steps,
+        logging_steps=cfg.logging_steps, report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=not on_gpu, deepspeed=cfg.deepspeed, remove_unused_columns=False, disable_tqdm=False,
+        dataloader_num_workers=0, save_only_model=False)
+
+
+def prepare_model_for_training(cfg, model):
+    """Inject the method's adapters (or leave every weight trainable for full fine-tuning)."""
+    from sorsa import apply_sorsa
+    from sorsa.baselines import apply_peft_baseline
+
+    targets = cfg.target_modules or (RWKV_TARGETS if cfg.rwkv else DEFAULT_TARGETS)
+    if cfg.peft == "sorsa":
+        return apply_sorsa(model, cfg.sorsa_config(targets), svd_cache_dir=cfg.svd_cache_path)
+    if cfg.peft in ("lora", "pissa"):
+        return apply_peft_baseline(model, cfg.peft, cfg.rank, targets, cfg.dropout, cfg.svd, cfg.svd_niter)
+    return model
+
+
+def train(cfg, run_dir: Path):
+    import torch
+    from transformers import set_seed
+
+    from sorsa import format_parameter_summary, save_adapter
+    from sorsa.baselines import save_initial_pissa, save_peft_adapter
+    from sorsa.data import CausalLMCollator, load_train_dataset, tokenize_train_dataset
+    from sorsa.trainer import SORSATrainer
+
+    resume_from = _prepare_train_dir(cfg, run_dir)
+    set_seed(cfg.seed)
+    resolve_model_name(cfg.model, cfg)  # a mistyped path fails here, before any data is read
+    # The data before the model: a broken file fails in a second, before a 7B model is loaded.
+    dataset = load_train_dataset(cfg.train_dataset, cfg.split, resolve_data_file(cfg.train_file, cfg, "train"),
+                                 cfg.cache_path)
+    tokenizer = load_tokenizer(cfg)
+    # Full fine-tuning keeps float32 master weights; the adapter methods load the frozen base in the
+    # compute precision (the paper: bf16 residual) and keep their adapters in float32.
+    model = load_model(cfg, torch.float32 if cfg.peft == "full" else _dtype(cfg.precision))
+    dataset = tokenize_train_dataset(dataset, tokenizer, cfg.train_dataset, cfg.length)
+    write_run_record(cfg, run_dir)
+    model = prepare_model_for_training(cfg, model)
+    if cfg.grad_cp and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    print(f"[run] {cfg.peft} on {cfg.model}: {format_parameter_summary(model)}")
+    if cfg.peft == "pissa" and resume_from is None:
+        save_initial_pissa(model, run_dir / "pissa_init")
+    trainer = SORSATrainer(model=model, args=build_training_arguments(cfg, run_dir), train_dataset=dataset,
+                           data_collator=CausalLMCollator(tokenizer.pad_token_id))
+    trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.is_world_process_zero():
+        if cfg.peft == "sorsa":
+            save_adapter(model, run_dir / "adapter", metadata={"base_model": cfg.model})
+        elif cfg.peft in ("lora", "pissa"):
+            save_peft_adapter(model, run_dir / "adapter", run_dir / "pissa_init" if cfg.peft == "pissa" else None)
+        else:
+            model.save_pretrained(run_dir / "model")
+            tokenizer.save_pretrained(run_dir / "model")
+        history = trainer.state.log_history
+        _atomic_write(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        losses = [r["loss"] for r in history if "loss" in r]
+        summary = {"steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+                   "last_loss": losses[-1] if losses else None}
+        _atomic_write(run_dir / TRAIN_DONE, json.dumps(summary, indent=2) + "\n")
+        print(f"[run] trained {summary['steps']} steps: loss {summary['first_loss']} -> {summary['last_loss']}; "
+              f"adapter in {run_dir / ('model' if cfg.peft == 'full' else 'adapter')}")
+    return model
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge(cfg, run_dir: Path):
+    """Fold the run's adapter into its base model and write RUN/merged/ (a plain HF checkpoint)."""
+    import torch
+
+    from sorsa import export_lora, load_adapter, merge_and_unload
+
+    if not (run_dir / TRAIN_DONE).exists():
+        raise UserError(f"run {cfg.name!r} has no finished training in {run_dir}; run --train first")
+    out = run_dir / "merged"
+    tmp = run_dir / "merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = load_tokenizer(cfg)
+    if cfg.peft == "full":
+        model = load_model(cfg, torch.float32, name=str(run_dir / "model"))
+    else:
+        # The base is loaded in the dtype it was trained in, so W_res is re-derived bit for bit;
+        # the merge itself is computed in float32 and cast back to that dtype.
+        model = load_model(cfg, _dtype(cfg.precision))
+        if cfg.peft == "sorsa":
+            model = load_adapter(model, run_dir / "adapter")
+            if cfg.export_lora:
+                export_lora(model, run_dir / "lora_export", base_model_name_or_path=cfg.model)
+                print(f"[run] wrote the PEFT LoRA form (rank {2 * cfg.rank}) to {run_dir / 'lora_export'}")
+            model = merge_and_unload(model)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"[run] merged model written to {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = resolve_config(argv)
+        run_dir = run_dir_of(cfg) if (cfg.train or cfg.merge or cfg.name) else None
+        if cfg.train:
+            train(cfg, run_dir)
+        if cfg.merge:
+            merge(cfg, run_dir)
+        if cfg.test:
+            test(cfg, run_dir)
+    except Exception as err:  # bad input is one readable line; set SORSA_DEBUG=1 for the traceback
+        if os.environ.get("SORSA_DEBUG") or not _is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_user_error(err: Exception) -> bool:
+    from sorsa.data import DataError
+
+    return isinstance(err, (UserError, DataError, ValueError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Two-rank gloo runs sometimes abort at interpreter exit ("terminate called without an
+        # active exception"); flushing and leaving at once avoids it.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Train full: bash scripts/train_full.sh [llama2_7b|mistral_7b|gemma_7b] [math|code] [run.py flags...]
+exec bash "$(dirname "$0")/paper.sh" train full "$@"

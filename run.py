@@ -383,12 +383,47 @@ def merge(cfg, run_dir: Path):
     return out
 
 
+# ----------------------------------------------------------------------------- test
+
+def test(cfg, run_dir: Path):
+    """Generate greedily on cfg.test_dataset and score it into RUN/eval/<dataset>/ (resumable)."""
+    from eval.generate import make_generator, resolve_backend
+    from eval.runner import MAX_NEW_TOKENS, STOP_STRINGS, evaluate
+
+    if (run_dir / "merged").is_dir():
+        model_path = str(run_dir / "merged")
+    elif (run_dir / TRAIN_DONE).exists():
+        raise UserError(f"run {cfg.name!r} is trained but not merged; run --merge first (or add --merge)")
+    else:  # no trained run of this name: score --model itself
+        model_path = resolve_model_name(cfg.model, cfg)
+    dataset = cfg.test_dataset
+    test_file = resolve_data_file(cfg.test_file, cfg, "test")
+    max_new_tokens = cfg.max_new_tokens or MAX_NEW_TOKENS[dataset]
+    backend = resolve_backend(cfg.backend)
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.test_precision]
+    try:
+        generate = make_generator(model_path, backend=backend, max_new_tokens=max_new_tokens,
+                                  batch_size=cfg.valid_batch_size, stop=STOP_STRINGS[dataset], dtype=dtype,
+                                  trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise _hub_error(model_path, err) from None
+    settings = {"model": model_path, "backend": backend, "max_new_tokens": max_new_tokens,
+                "precision": cfg.test_precision, "test_file": test_file, "greedy": True}
+    results = evaluate(dataset, run_dir / "eval" / dataset, generate, test_file=test_file, limit=cfg.limit,
+                       settings=settings)
+    print(f"[run] {dataset}: accuracy {100 * results['accuracy']:.2f}% ({results['correct']}/{results['total']}); "
+          f"results in {run_dir / 'eval' / dataset / 'results.json'}")
+    return results
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(argv)
-        run_dir = run_dir_of(cfg) if (cfg.train or cfg.merge or cfg.name) else None
+        if cfg.test and not cfg.name:  # scoring --model directly: a run named after the model
+            cfg.name = "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model.strip("/")).strip("._")[-80:]
+        run_dir = run_dir_of(cfg)
         if cfg.train:
             train(cfg, run_dir)
         if cfg.merge:

@@ -26,12 +26,14 @@ from sorsa.data import (
     MATH_TRAIN_RESPONSE,
 )
 
+# The paper's test prompt ends "### Response: Let's think step by step."
+COT_CUE = MATH_TEST_PROMPT[len(ALPACA_PREFIX):]
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:arithmetic"  # level 2: the fine-tuning task, shifted from pre-training
 BUILTIN_DATA_EASY = "builtin:arithmetic-easy"  # level 1: the family the base model was pre-trained on
 # Bump when the tokenizer, the generator, the model config or the pre-training recipe changes, so a
 # cached directory from an older version is rebuilt instead of silently reused.
-BUILTIN_VERSION = 1
+BUILTIN_VERSION = 2
 MARKER_FILE = "builtin.json"
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -84,8 +86,14 @@ class Problem:
     answer: int
 
     def metamath(self) -> dict:
-        """The MetaMathQA-schema training row: query, response ending in "The answer is: N"."""
-        return {"query": self.question, "response": "\n".join(self.steps) + f"\n{ANSWER_CUE}{self.answer}"}
+        """The MetaMathQA-schema training row: query, response ending in "The answer is: N".
+
+        The response opens with the test prompt's chain-of-thought cue, so the paper's test prompt
+        ("### Response: Let's think step by step.") is a prefix of the training text. A 400k-parameter
+        model with a word-level vocabulary does not bridge that gap by itself as a 7B model does.
+        """
+        return {"query": self.question,
+                "response": COT_CUE + "\n" + "\n".join(self.steps) + f"\n{ANSWER_CUE}{self.answer}"}
 
     def gsm8k(self) -> dict:
         """The GSM-8K-schema test row: question, answer ending in "#### N"."""
@@ -241,17 +249,9 @@ def _pretrain_pool(n: int, seed: int, level: int) -> list[Problem]:
 
 
 def _pretrain_texts(problems: list[Problem], bos: str, eos: str) -> list[str]:
-    # Each problem appears in the training format (the fine-tuning template) and in the test format
-    # (the template plus the chain-of-thought cue), so the base model knows both prompts.
-    texts = []
-    for k, p in enumerate(problems):
-        row = p.metamath()
-        response = MATH_TRAIN_RESPONSE.format(response=row["response"], eos=eos)
-        if k % 2 == 0:
-            texts.append(MATH_TRAIN_PROMPT.format(bos=bos, query=p.question) + response)
-        else:
-            texts.append(bos + MATH_TEST_PROMPT.format(query=p.question) + " " + response)
-    return texts
+    # The fine-tuning format; the test prompt is its prefix (the response opens with the cue).
+    return [MATH_TRAIN_PROMPT.format(bos=bos, query=p.question)
+            + MATH_TRAIN_RESPONSE.format(response=p.metamath()["response"], eos=eos) for p in problems]
 
 
 def _batch(tokenizer, texts: list[str]):

@@ -150,3 +150,25 @@ def test_train_resume_equals_uninterrupted_and_finished_runs_are_kept(tmp_path, 
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
     moved = max((a[k] - a[k[:-len("U_p")] + "U_0"]).abs().max().item() for k in a if k.endswith(".U_p"))
     assert moved > 1e-4  # six steps really trained the adapter
+
+
+def test_quickstart_config_end_to_end(tmp_path, builtin_model_dir):
+    """configs/quickstart.yaml, shortened: train -> merge -> test on the built-in data, offline."""
+    argv = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--model", str(builtin_model_dir),
+            "--run-path", str(tmp_path / "runs"), "--cache-path", str(tmp_path / "cache"), "--max-steps", "40",
+            "--logging-steps", "5", "--limit", "16"]
+    assert run.main(argv) == 0
+    run_dir = tmp_path / "runs" / "quickstart"
+    losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 8 and losses[-1] < 0.9 * losses[0]
+    results = json.loads((run_dir / "eval" / "gsm-8k" / "results.json").read_text())
+    assert results["total"] == 16 and results["correct"] == round(results["accuracy"] * 16)
+    rows = [json.loads(line) for line in (run_dir / "eval" / "gsm-8k" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and sum(r["correct"] for r in rows) == results["correct"]
+    assert (run_dir / "merged" / "model.safetensors").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    # The quickstart re-runs from scratch (overwrite: true in the file); a rerun of test alone reuses generations.
+    assert run.main(["--name", "quickstart", "--test", "--run-path", str(tmp_path / "runs"),
+                     "--cache-path", str(tmp_path / "cache")]) == 0
+    again = json.loads((run_dir / "eval" / "gsm-8k" / "results.json").read_text())
+    assert again["reused_generations"] == 16 and again["correct"] == results["correct"]

@@ -55,7 +55,8 @@ def build(method: str, dim: int, rank: int) -> nn.Module:
 
 def step(module: nn.Module, x: torch.Tensor):
     out = module(x)
-    out.backward(torch.ones_like(out))  # gradients to the adapter and to the input, as inside a network
+    if out.requires_grad:  # the frozen layer on a leaf input has nothing to differentiate
+        out.backward(torch.ones_like(out))  # gradients to the adapter (and to x when x requires them)
     for p in module.parameters():
         p.grad = None
     x.grad = None
@@ -64,7 +65,7 @@ def step(module: nn.Module, x: torch.Tensor):
 def peak_rss_bytes_of(method: str, args) -> int | None:
     """Peak resident memory added by one forward+backward, measured in a fresh process (Linux)."""
     cmd = [sys.executable, __file__, "--memory-of", method, "--dim", str(args.dim), "--rank", str(args.rank),
-           "--batch", str(args.batch), "--seq", str(args.seq)]
+           "--batch", str(args.batch), "--seq", str(args.seq)] + (["--input-grad"] if args.input_grad else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -82,7 +83,7 @@ def _status_kb(field: str) -> int:
 
 def measure_memory(method: str, args):
     module = build(method, args.dim, args.rank)
-    x = torch.randn(args.batch, args.seq, args.dim, requires_grad=True)
+    x = torch.randn(args.batch, args.seq, args.dim, requires_grad=args.input_grad)
     step(module, x)  # warm-up: allocator pools and thread buffers
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
         f.write("5")
@@ -100,6 +101,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-svd", action="store_true", help="skip the SVD init timing")
     ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--input-grad", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_of:
         return measure_memory(args.memory_of, args)
@@ -107,21 +109,28 @@ def main():
     print(f"layer {args.dim}x{args.dim}, rank {args.rank}, batch {args.batch}x{args.seq}, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     modules = {m: build(m, args.dim, args.rank) for m in METHODS}
-    x = torch.randn(args.batch, args.seq, args.dim, requires_grad=True)
-    times = {m: [] for m in METHODS}
-    for m in METHODS:  # warm-up
-        step(modules[m], x)
+    # A leaf input (no gradient to x) is the setting of the first adapted layer and of the brief's
+    # measurement; inside a network x also needs its gradient, which adds the same W_res^T g to all.
+    inputs = {grad: torch.randn(args.batch, args.seq, args.dim, requires_grad=grad) for grad in (False, True)}
+    times = {(m, grad): [] for m in METHODS for grad in inputs}
+    for (m, grad) in times:  # warm-up
+        step(modules[m], inputs[grad])
     for _ in range(args.repeats):  # interleaved, so drifts of the machine hit every method alike
-        for m in METHODS:
+        for (m, grad) in times:
             t0 = time.perf_counter()
-            step(modules[m], x)
-            times[m].append(time.perf_counter() - t0)
-    med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
-    for m in METHODS:
-        mem = peak_rss_bytes_of(m, args)
-        mem_s = f"{mem / 2**20:8.1f} MiB" if mem is not None else "     n/a"
-        print(f"{m:7s} fwd+bwd median {med[m]:8.1f} ms (min {min(times[m]) * 1e3:7.1f})  peak extra RSS {mem_s}")
-    print(f"ratio SORSA/LoRA = {med['sorsa'] / med['lora']:.3f}   dense/SORSA = {med['dense'] / med['sorsa']:.2f}")
+            step(modules[m], inputs[grad])
+            times[(m, grad)].append(time.perf_counter() - t0)
+    med = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+    for grad in inputs:
+        args.input_grad = grad
+        print(f"-- input {'requires grad (inside a network)' if grad else 'is a leaf (no input grad)'}")
+        for m in METHODS:
+            mem = peak_rss_bytes_of(m, args)
+            mem_s = f"{mem / 2**20:8.1f} MiB" if mem is not None else "     n/a"
+            print(f"{m:7s} fwd+bwd median {med[(m, grad)]:8.1f} ms (min {min(times[(m, grad)]) * 1e3:7.1f})"
+                  f"  peak extra RSS {mem_s}")
+        print(f"ratio SORSA/LoRA = {med[('sorsa', grad)] / med[('lora', grad)]:.3f}   "
+              f"dense/SORSA = {med[('dense', grad)] / med[('sorsa', grad)]:.2f}")
 
     if not args.no_svd:
         W = torch.randn(args.dim, args.dim)

@@ -171,10 +171,26 @@ def _hub_error(name: str, err: Exception) -> UserError:
                      "(gated models also need HF_TOKEN)")
 
 
+def _rwkv_local_path(name: str, cfg) -> str:
+    """A local RWKV6 checkpoint (.pth or "-HF" directory); a hub id is downloaded (or found in the cache)."""
+    if Path(name).exists():
+        return name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, cache_dir=cfg.cache_path, local_files_only=cfg.local)
+    except Exception as err:  # offline, missing or gated: one line
+        raise _hub_error(name, err) from None
+
+
 def load_tokenizer(cfg, name: str | None = None):
     from transformers import AutoTokenizer
 
     name = resolve_model_name(name or cfg.tokenizer or cfg.model, cfg)
+    if cfg.rwkv:
+        from sorsa.rwkv6 import load_rwkv_tokenizer
+
+        return load_rwkv_tokenizer(_rwkv_local_path(name, cfg))
     try:
         tok = AutoTokenizer.from_pretrained(name, cache_dir=cfg.cache_path, local_files_only=cfg.local,
                                             trust_remote_code=cfg.trust_remote_code)
@@ -190,6 +206,11 @@ def load_model(cfg, dtype, name: str | None = None):
     from transformers import AutoModelForCausalLM
 
     name = resolve_model_name(name or cfg.model, cfg)
+    if cfg.rwkv:
+        from sorsa.rwkv6 import load_rwkv6
+
+        model = load_rwkv6(_rwkv_local_path(name, cfg), dtype=dtype)
+        return model.to("cuda") if torch.cuda.is_available() and not cfg.deepspeed else model
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_path,
                                                      local_files_only=cfg.local,
@@ -377,6 +398,8 @@ def merge(cfg, run_dir: Path):
             model = PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if cfg.rwkv:  # also the official layout, which the `rwkv` inference package reads
+        model.save_rwkv_checkpoint(tmp / "model.pth")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     print(f"[run] merged model written to {out}")
@@ -399,7 +422,7 @@ def test(cfg, run_dir: Path):
     dataset = cfg.test_dataset
     test_file = resolve_data_file(cfg.test_file, cfg, "test")
     max_new_tokens = cfg.max_new_tokens or MAX_NEW_TOKENS[dataset]
-    backend = resolve_backend(cfg.backend)
+    backend = "rwkv" if cfg.rwkv else resolve_backend(cfg.backend)
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.test_precision]
     try:
         generate = make_generator(model_path, backend=backend, max_new_tokens=max_new_tokens,

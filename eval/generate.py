@@ -153,7 +153,42 @@ def _vllm_factory(model, tokenizer=None, *, max_new_tokens: int = 1024, batch_si
                          trust_remote_code=trust_remote_code)
 
 
-BACKENDS: dict[str, Callable[..., GenerateFn]] = {"hf": _hf_factory, "vllm": _vllm_factory}
+class RWKVGenerator:
+    """Greedy generation with the project's own RWKV6 through its recurrent state (sorsa.rwkv6)."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 1024, batch_size: int = 8,
+                 stop: Sequence[str] = DEFAULT_STOP) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_new_tokens, self.batch_size, self.stop = max_new_tokens, batch_size, tuple(stop)
+        self.eos = tokenizer.eos_token_id
+
+    def _stopped(self, ids: list[int]) -> bool:
+        tail = self.tokenizer.decode(ids[-32:])  # a stop string is far shorter than 32 tokens
+        return any(s in tail for s in self.stop)
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        # The tokenizer's own special tokens (a BOS where it has one, none for the world tokenizer).
+        ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        out = self.model.generate_greedy(ids, self.max_new_tokens, eos_token_id=self.eos, stop=self._stopped)
+        return [truncate_at_stop(self.tokenizer.decode(o), self.stop) for o in out]
+
+
+def _rwkv_factory(model, tokenizer=None, *, max_new_tokens: int = 1024, batch_size: int | None = None,
+                  stop: Sequence[str] = DEFAULT_STOP, dtype: str = "float32", device: str | None = None,
+                  **_: object) -> GenerateFn:
+    from sorsa.rwkv6 import load_rwkv6, load_rwkv_tokenizer
+
+    if isinstance(model, str):
+        tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else \
+            load_rwkv_tokenizer(tokenizer or model)
+        model = load_rwkv6(model, dtype=getattr(torch, dtype))
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if tokenizer is None:
+        raise ValueError("the rwkv backend got a model object but no tokenizer; pass tokenizer=")
+    return RWKVGenerator(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size or 8, stop=stop)
+
+
+BACKENDS: dict[str, Callable[..., GenerateFn]] = {"hf": _hf_factory, "vllm": _vllm_factory, "rwkv": _rwkv_factory}
 
 
 def register_backend(name: str, factory: Callable[..., GenerateFn]) -> None:
@@ -169,7 +204,7 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; expected auto or one of {sorted(BACKENDS)}")
     if backend == "vllm" and not vllm_available():
-        raise RuntimeError("backend 'vllm' needs the vllm package and a CUDA GPU "
+        raise ValueError("backend 'vllm' needs the vllm package and a CUDA GPU "
                            f"(vllm installed: {importlib.util.find_spec('vllm') is not None}); "
                            "install it with pip install 'sorsa[vllm]' on a GPU machine, or use --backend hf")
     return backend

@@ -29,6 +29,7 @@ from sorsa.data import (
 # The paper's test prompt ends "### Response: Let's think step by step."
 COT_CUE = MATH_TEST_PROMPT[len(ALPACA_PREFIX):]
 BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_RWKV_MODEL = "builtin:tiny-rwkv6"  # the same recipe on the RWKV6 architecture
 BUILTIN_DATA = "builtin:arithmetic"  # level 2: the fine-tuning task, shifted from pre-training
 BUILTIN_DATA_EASY = "builtin:arithmetic-easy"  # level 1: the family the base model was pre-trained on
 # Bump when the tokenizer, the generator, the model config or the pre-training recipe changes, so a
@@ -42,6 +43,7 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0..3, in this order
 # Defaults of the shipped base model: pre-training takes ~22 s on 2 idle CPU cores (0.09 s a step).
 DEFAULT_PRETRAIN_STEPS = 250
 DEFAULT_PRETRAIN_SEED = 0
+RWKV_PRETRAIN_STEPS = 150
 DEFAULT_PRETRAIN_LEVEL = 1
 MODEL_MAX_LENGTH = 512
 
@@ -231,12 +233,30 @@ def build_config(tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def build_model(tokenizer, seed: int = DEFAULT_PRETRAIN_SEED):
-    """A randomly initialised tiny `LlamaForCausalLM` (float32); same seed, same weights."""
+def build_rwkv6_config(tokenizer):
+    """The tiny RWKV6 (Finch) configuration: 2 layers, hidden 128, heads of 32, channel mix 256."""
+    from .rwkv6 import RWKV6Config
+
+    return RWKV6Config(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, head_size=32,
+                       intermediate_size=256, time_mix_extra_dim=16, time_decay_extra_dim=32,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def build_model(tokenizer, seed: int = DEFAULT_PRETRAIN_SEED, arch: str = "llama"):
+    """A randomly initialised tiny `LlamaForCausalLM` (or RWKV6 with arch="rwkv6"), float32; same seed,
+    same weights."""
     import torch
-    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
+    if arch == "rwkv6":
+        from .rwkv6 import RWKV6ForCausalLM
+
+        return RWKV6ForCausalLM(build_rwkv6_config(tokenizer))
+    if arch != "llama":
+        raise ValueError(f"unknown built-in architecture {arch!r}; use 'llama' or 'rwkv6'")
+    from transformers import LlamaForCausalLM
+
     return LlamaForCausalLM(build_config(tokenizer))
 
 
@@ -284,7 +304,7 @@ def pretrain(model, tokenizer, steps: int, seed: int = DEFAULT_PRETRAIN_SEED, ba
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc="pre-training builtin tiny-llama", disable=not progress)
+    bar = tqdm(range(steps), desc=f"pre-training builtin {type(model).__name__}", disable=not progress)
     for step in bar:
         start = (step * batch_size) % len(texts)
         idx = order[start:start + batch_size].tolist()
@@ -332,7 +352,7 @@ def heldout_loss(model, tokenizer, n: int = 128, seed: int = 777, level: int = D
 
 
 def materialize_model(path, pretrain_steps: int = DEFAULT_PRETRAIN_STEPS,
-                      seed: int = DEFAULT_PRETRAIN_SEED, progress: bool = True) -> Path:
+                      seed: int = DEFAULT_PRETRAIN_SEED, progress: bool = True, arch: str = "llama") -> Path:
     """Write the built-in base model as a plain Hugging Face directory (config.json,
     model.safetensors, tokenizer files, builtin.json with the recipe and measured losses) that
     `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load without this project.
@@ -342,8 +362,8 @@ def materialize_model(path, pretrain_steps: int = DEFAULT_PRETRAIN_STEPS,
     never leaves a half-written model at `path`.
     """
     path = Path(path)
-    settings = {"name": BUILTIN_MODEL, "version": BUILTIN_VERSION, "pretrain_steps": pretrain_steps,
-                "seed": seed, "level": DEFAULT_PRETRAIN_LEVEL}
+    settings = {"name": BUILTIN_RWKV_MODEL if arch == "rwkv6" else BUILTIN_MODEL, "version": BUILTIN_VERSION,
+                "pretrain_steps": pretrain_steps, "seed": seed, "level": DEFAULT_PRETRAIN_LEVEL, "arch": arch}
     required = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
     if _marker_matches(path, settings) and all((path / f).is_file() for f in required):
         return path
@@ -353,23 +373,24 @@ def materialize_model(path, pretrain_steps: int = DEFAULT_PRETRAIN_STEPS,
     with _exclusive_lock(path.parent / f".{path.name}.lock"):
         if _marker_matches(path, settings) and all((path / f).is_file() for f in required):
             return path
-        _build_model_dir(path, settings, pretrain_steps, seed, progress)
+        _build_model_dir(path, settings, pretrain_steps, seed, progress, arch)
     return path
 
 
-def _build_model_dir(path: Path, settings: dict, pretrain_steps: int, seed: int, progress: bool) -> None:
+def _build_model_dir(path: Path, settings: dict, pretrain_steps: int, seed: int, progress: bool,
+                     arch: str = "llama") -> None:
     if path.exists() and any(path.iterdir()) and not (path / MARKER_FILE).is_file():
         raise FileExistsError(f"{path} exists and is not a built-in model directory; "
                               "remove it or choose another path")
 
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, seed=seed, arch=arch)
     info = dict(settings, loss_before=heldout_loss(model, tokenizer, pretrain_seed=seed))
     started = time.perf_counter()
     losses = pretrain(model, tokenizer, pretrain_steps, seed=seed, progress=progress) if pretrain_steps else []
     info["pretrain_seconds"] = round(time.perf_counter() - started, 2)
     info["final_train_loss"] = losses[-1] if losses else None
-    info["loss_after"] = heldout_loss(model, tokenizer, pretrain_seed=seed)
+    info["loss_after"] = heldout_loss(model, tokenizer, pretrain_seed=seed) if losses else info["loss_before"]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished directory is an ordinary one
@@ -394,12 +415,14 @@ def resolve_builtin(name: str, cache_dir, split: str = "train") -> str:
     levels = {BUILTIN_DATA: 2, BUILTIN_DATA_EASY: 1}
     if name == BUILTIN_MODEL:
         return str(materialize_model(root / "tiny-llama"))
+    if name == BUILTIN_RWKV_MODEL:
+        return str(materialize_model(root / "tiny-rwkv6", pretrain_steps=RWKV_PRETRAIN_STEPS, arch="rwkv6"))
     if name in levels:
         if split not in ("train", "test"):
             raise ValueError(f"split for {name} must be 'train' or 'test', got {split!r}")
         train_path, test_path = materialize_dataset(root / name.split(":", 1)[1], level=levels[name])
         return str(train_path if split == "train" else test_path)
-    raise ValueError(f"unknown built-in name {name!r}; known: {', '.join([BUILTIN_MODEL, *levels])}")
+    raise ValueError(f"unknown built-in name {name!r}; known: {', '.join([BUILTIN_MODEL, BUILTIN_RWKV_MODEL, *levels])}")
 
 
 # ---------------------------------------------------------------------------------------------

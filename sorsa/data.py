@@ -222,6 +222,8 @@ def tokenize_train_dataset(ds, tokenizer, kind: str, max_length: int, num_proc: 
         responses = [response_tpl.format(**{response_field: r, "eos": eos}) for r in batch[response_col]]
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        if not eos:  # the RWKV world tokenizer's end-of-text (id 0) has no text: append its id
+            response_ids = [r + [tokenizer.eos_token_id] for r in response_ids]
         out = {"input_ids": [], "labels": [], "attention_mask": []}
         for p, r in zip(prompt_ids, response_ids):
             # The reference's truncation: prompt and response are each cut to max_length on their

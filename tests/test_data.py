@@ -8,6 +8,7 @@ import torch
 from sorsa.builtin import build_tokenizer
 from sorsa.data import (
     IGNORE_INDEX,
+    MATH_TRAIN_PROMPT,
     CausalLMCollator,
     DataError,
     load_train_dataset,
@@ -216,3 +217,18 @@ def test_collator_feeds_a_tokenized_dataset(tokenizer, tmp_path):
     lengths = [len(r) for r in out["input_ids"]]
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
+
+
+def test_world_tokenizer_responses_end_with_the_end_of_text_id():
+    """The RWKV world tokenizer's EOS (id 0) has no text, so its id is appended to each response."""
+    from datasets import Dataset
+
+    from sorsa.rwkv6 import RWKVWorldTokenizer
+
+    tok = RWKVWorldTokenizer()
+    ds = Dataset.from_list([{"query": "1+1?", "response": "The answer is: 2"}])
+    row = tokenize_train_dataset(ds, tok, "metamath", max_length=64)[0]
+    prompt_len = len(tok.encode(MATH_TRAIN_PROMPT.format(bos="", query="1+1?")))
+    assert row["input_ids"][-1] == 0 and row["labels"][-1] == 0
+    assert row["labels"][:prompt_len] == [-100] * prompt_len
+    assert tok.decode(row["input_ids"][prompt_len:]) == "The answer is: 2"

@@ -206,7 +206,7 @@ def test_backend_selection_and_hook(tiny, monkeypatch):
     monkeypatch.setattr(gen, "vllm_available", lambda: False)
     made = gen.make_generator(model, tokenizer, backend="auto", max_new_tokens=3, batch_size=2)
     assert isinstance(made, gen.HFGenerator) and made.batch_size == 2 and made.max_new_tokens == 3
-    with pytest.raises(RuntimeError, match="vllm"):
+    with pytest.raises(ValueError, match="vllm"):
         gen.make_generator("some/model", backend="vllm")
     with pytest.raises(ValueError, match="unknown generation backend 'tpu'"):
         gen.make_generator("some/model", backend="tpu")

@@ -48,14 +48,16 @@ def test_every_config_loads_and_matches_the_paper(path):
     text = path.read_text()
     assert text.startswith("#") and "Launch:" in text and "Effective batch" in text
     cfg = run.resolve_config(["--config", str(path), "--train"])
-    if path.name == "quickstart.yaml":
-        assert cfg.model == "builtin:tiny-llama" and cfg.train and cfg.merge and cfg.test
+    if path.name.startswith("quickstart"):
+        assert cfg.model.startswith("builtin:") and cfg.train and cfg.merge and cfg.test
+        assert cfg.rwkv == ("rwkv" in path.name)
         return
     model, method, task = path.stem.rsplit("_", 2)
     assert cfg.name == path.stem and cfg.peft == method
     assert cfg.batch_size * cfg.accum_steps == 128 and cfg.epochs == 1 and cfg.length == 512 and cfg.seed == 42
     assert cfg.lr == {"sorsa": 3e-5, "pissa": 2e-5, "lora": 2e-5, "full": 2e-5}[method]
     assert cfg.rank == (128 if model == "llama2_7b" else 64) or method == "full"
+    assert cfg.rwkv == model.startswith("rwkv6")
     assert cfg.alpha is None and cfg.dropout == 0.0
     assert cfg.train_dataset == {"math": "metamath", "code": "code"}[task]
     assert cfg.test_dataset == {"math": "gsm-8k", "code": "humaneval"}[task]

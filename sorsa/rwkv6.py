@@ -1,0 +1,917 @@
+"""RWKV6 "Finch" (Peng et al. 2024, arXiv 2404.05892) as a transformers causal LM in pure PyTorch: a chunked
+parallel WKV for training, a recurrent state for O(1)-per-token greedy decoding, conversion to and from the
+official `.pth` and the Hugging Face "-HF" checkpoint layouts, and the RWKV world tokenizer.
+
+Checkpoint layouts. This module's state dict *is* the Hugging Face "-HF" layout (what `save_pretrained`
+writes, what `from_hf_rwkv6` reads); the official `.pth` layout (`from_rwkv_checkpoint`,
+`save_rwkv_checkpoint`, read by the `rwkv` package) differs only in the names. C = hidden size, A = attention
+size (= C in every released model), H = A / N heads of size N, F = intermediate size, V = vocabulary,
+Dm / Dd = the ranks of the token-shift / decay low-rank maps (32 / 64; 64 / 128 for the 7B):
+
+    official .pth key                  this module / "-HF" key                          shape
+    ---------------------------------  -----------------------------------------------  -----------
+    emb.weight                         rwkv.embeddings.weight                           V × C
+    blocks.0.ln0.{weight,bias}         rwkv.blocks.0.pre_ln.{weight,bias}               C
+    blocks.N.ln1.*, blocks.N.ln2.*     rwkv.blocks.N.ln1.*, rwkv.blocks.N.ln2.*         C
+    blocks.N.att.time_maa_{x,w,k,v,r,g}  rwkv.blocks.N.attention.time_maa_{x,w,k,v,r,g}  1 × 1 × C
+    blocks.N.att.time_maa_w1           rwkv.blocks.N.attention.time_maa_w1              C × 5·Dm
+    blocks.N.att.time_maa_w2           rwkv.blocks.N.attention.time_maa_w2              5 × Dm × C
+    blocks.N.att.time_decay            rwkv.blocks.N.attention.time_decay               1 × 1 × A
+    blocks.N.att.time_decay_w1         rwkv.blocks.N.attention.time_decay_w1            C × Dd
+    blocks.N.att.time_decay_w2         rwkv.blocks.N.attention.time_decay_w2            Dd × A
+    blocks.N.att.time_faaaa            rwkv.blocks.N.attention.time_faaaa               H × N
+    blocks.N.att.{receptance,key,value,gate}.weight  rwkv.blocks.N.attention.<same>     A × C
+    blocks.N.att.output.weight         rwkv.blocks.N.attention.output.weight            C × A
+    blocks.N.att.ln_x.{weight,bias}    rwkv.blocks.N.attention.ln_x.{weight,bias}       A
+    blocks.N.ffn.time_maa_{k,r}        rwkv.blocks.N.feed_forward.time_maa_{k,r}        1 × 1 × C
+    blocks.N.ffn.key.weight            rwkv.blocks.N.feed_forward.key.weight            F × C
+    blocks.N.ffn.receptance.weight     rwkv.blocks.N.feed_forward.receptance.weight     C × C
+    blocks.N.ffn.value.weight          rwkv.blocks.N.feed_forward.value.weight          C × F
+    ln_out.{weight,bias}               rwkv.ln_out.{weight,bias}                        C
+    head.weight                        head.weight                                      V × C
+
+Both layouts store `time_decay` raw (the decay is w = exp(-exp(time_decay + lora))) and `time_faaaa` (the
+bonus u) as is: the `rwkv` package reads x060 checkpoints without transforming either (it only squeezes and
+reshapes them), and so do we. Linear weights are (out, in) in both; the `rwkv` package transposes on load.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+# A recurrent state: one (att_shift (B, C), wkv (B, H, N, N) float32, ffn_shift (B, C)) per layer.
+RWKV6State = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+# ============================================================================ config
+
+@strict(accept_kwargs=True)
+class RWKV6Config(PreTrainedConfig):
+    r"""Hyper-parameters of an RWKV6 (Finch) model; the loaders infer them from a checkpoint's shapes.
+
+    attention_hidden_size: A (None → hidden_size). head_size: N (64 in every released model).
+    intermediate_size: F (None → int(3.5 · C) rounded down to a multiple of 32, as RWKV-LM does).
+    time_mix_extra_dim / time_decay_extra_dim: Dm / Dd (None → 32 / 64, or 64 / 128 for C = 4096 as in
+    RWKV-LM's x060 model). head_size_divisor: the group norm `ln_x` uses eps = 1e-5 · divisor² (RWKV-LM).
+    wkv_chunk_size: chunk length of the parallel WKV (a speed / memory knob; the result does not depend on it).
+    """
+
+    model_type = "rwkv6"
+    keys_to_ignore_at_inference = ["state"]
+
+    vocab_size: int = 65536
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    attention_hidden_size: int | None = None
+    head_size: int = 64
+    head_size_divisor: int = 8
+    intermediate_size: int | None = None
+    time_mix_extra_dim: int | None = None
+    time_decay_extra_dim: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    wkv_chunk_size: int = 16
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 0
+    pad_token_id: int | None = 0
+    tie_word_embeddings: bool = False
+    use_cache: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.attention_hidden_size is None:
+            self.attention_hidden_size = self.hidden_size
+        if self.intermediate_size is None:
+            self.intermediate_size = int(self.hidden_size * 3.5) // 32 * 32
+        big = self.hidden_size == 4096
+        if self.time_mix_extra_dim is None:
+            self.time_mix_extra_dim = 64 if big else 32
+        if self.time_decay_extra_dim is None:
+            self.time_decay_extra_dim = 128 if big else 64
+        if self.attention_hidden_size % self.head_size:
+            raise ValueError(f"attention_hidden_size={self.attention_hidden_size} is not a multiple of "
+                             f"head_size={self.head_size}; pick a head size that divides it")
+        if self.wkv_chunk_size < 1:
+            raise ValueError(f"wkv_chunk_size={self.wkv_chunk_size} must be >= 1 (16 is a good default)")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention_hidden_size // self.head_size
+
+
+# ============================================================================ WKV kernels
+
+def _float32_region(fn):
+    """Run a WKV kernel with autocast off: under mixed precision its matmuls would otherwise run in bf16/fp16,
+    and the decay products and the state need float32."""
+    @functools.wraps(fn)
+    def wrapper(r, *args, **kwargs):
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            return fn(r, *args, **kwargs)
+    return wrapper
+
+
+@_float32_region
+def wkv6_recurrent(r, k, v, log_w, u, state=None):
+    """The Finch WKV recurrence, one token at a time (the reference, and the generation path).
+
+    r, k, v, log_w: (B, T, H, N), log_w = -exp(d) = log of the decay w; u: (H, N); state: (B, H, N, N) or None.
+    Returns out (B, T, H, N) and the new state (B, H, N, N), both float32 (float64 if r is float64).
+    Per head (arXiv 2404.05892, Finch time mixing, recurrent form), with S the N_k × N_v state:
+        out_t = r_t (S_{t-1} + diag(u) k_tᵀ v_t),   S_t = diag(w_t) S_{t-1} + k_tᵀ v_t.
+    """
+    dt = torch.float64 if r.dtype == torch.float64 else torch.float32
+    B, T, H, N = r.shape
+    r, k, v, log_w = (x.to(dt) for x in (r, k, v, log_w))
+    S = r.new_zeros(B, H, N, N) if state is None else state.to(dt)
+    u = u.to(dt)[:, :, None]  # (H, N, 1): the bonus scales rows (the key index) of k_tᵀ v_t
+    outs = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, H, N, N) = k_tᵀ v_t
+        outs.append(torch.einsum("bhi,bhij->bhj", r[:, t], S + u * kv))  # (B, H, N)
+        S = torch.exp(log_w[:, t])[..., None] * S + kv
+    return torch.stack(outs, 1), S
+
+
+@_float32_region
+def wkv6_chunked(r, k, v, log_w, u, state=None, chunk_size: int = 16):
+    """The same WKV as `wkv6_recurrent`, computed chunk-parallel (for training: matmuls instead of a T-step loop).
+
+    r, k, v, log_w: (B, T, H, N); u: (H, N); state: (B, H, N, N) or None → out (B, T, H, N), state (B, H, N, N),
+    float32 (float64 if r is float64). Unrolling the recurrence, for t in a chunk that starts with state S:
+        out_t = Σ_{s<t in chunk} (Σ_i r_ti k_si Π_{s<j<t} w_ji) v_s + (r_t·(u ⊙ k_t)) v_t + (r_t ⊙ Π_{j<t} w_j) S
+        S'    = diag(Π_{j in chunk} w_j) S + Σ_s (k_s ⊙ Π_{j>s} w_j)ᵀ v_s
+    Every decay product is exp of a sum of log-decays over a *range that the product really spans*, so all
+    exponents are ≤ 0 (no overflow however strong the decay), and no product is formed as the ratio of two
+    cumulative products (exp(A_t - A_s) with A a running sum loses all precision once |A| is large, e.g. after
+    one strongly decayed token); the intra-chunk ranges are summed exactly by a 0/1 matmul.
+    """
+    dt = torch.float64 if r.dtype == torch.float64 else torch.float32
+    B, T, H, N = r.shape
+    L = int(chunk_size)
+    r, k, v, log_w = (x.to(dt).transpose(1, 2) for x in (r, k, v, log_w))  # (B, H, T, N)
+    pad = (-T) % L
+    if pad:  # zero tail: k = v = 0 adds nothing, log_w = 0 (w = 1) decays nothing, so the state is unchanged
+        r, k, v, log_w = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, log_w))
+    nc = (T + pad) // L
+    r, k, v, log_w = (x.reshape(B, H, nc, L, N) for x in (r, k, v, log_w))  # (B, H, nc, L, N)
+
+    # Decay from the chunk start to just before t, and from just after s to the chunk end: prefix / suffix sums
+    # of same-signed terms (each computed directly, never as a difference of two running sums).
+    before = F.pad(log_w.cumsum(-2)[..., :-1, :], (0, 0, 1, 0))  # (B, H, nc, L, N): Σ_{j<t} log w_j
+    after = F.pad(log_w.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{j>s} log w_j
+    whole = log_w.sum(-2)  # (B, H, nc, N)
+
+    # Intra-chunk: between[t, s] = Σ_{s<j<t} log w_j, an exact sum through the 0/1 mask M[t, s, j] = [s < j < t].
+    idx = torch.arange(L, device=r.device)
+    M = ((idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < idx[:, None, None])).to(dt)
+    between = (M.reshape(L * L, L) @ log_w).reshape(B, H, nc, L, L, N)  # (B, H, nc, L_t, L_s, N)
+    causal = (idx[None, :] < idx[:, None])[..., None]  # (L_t, L_s, 1): strictly earlier sources only
+    decay = torch.exp(between).masked_fill(~causal, 0.0)  # exponents ≤ 0: values in [0, 1]
+    scores = torch.einsum("bhcti,bhcsi,bhctsi->bhcts", r, k, decay)  # (B, H, nc, L, L)
+    bonus = (r * u.to(dt)[None, :, None, None, :] * k).sum(-1, keepdim=True)  # (B, H, nc, L, 1): r_t·(u ⊙ k_t)
+    out = scores @ v + bonus * v  # (B, H, nc, L, N)
+
+    # Inter-chunk: each chunk's own contribution to the state, then a short scan over chunks carrying it.
+    delta = (k * torch.exp(after)).transpose(-1, -2) @ v  # (B, H, nc, N, N)
+    carry = torch.exp(whole)[..., None]  # (B, H, nc, N, 1)
+    S = r.new_zeros(B, H, N, N) if state is None else state.to(dt)
+    starts = []
+    for c in range(nc):
+        starts.append(S)
+        S = carry[:, :, c] * S + delta[:, :, c]
+    out = out + (r * torch.exp(before)) @ torch.stack(starts, 2)  # (B, H, nc, L, N)
+    out = out.reshape(B, H, nc * L, N)[:, :, :T].transpose(1, 2)  # (B, T, H, N)
+    return out, S
+
+
+# ============================================================================ layers
+
+def _token_shift(x, shift_state, mask):
+    """The previous token's x for every position, and the shift state after the last valid position.
+
+    x: (B, T, C); shift_state: (B, C); mask: (B, T) of 0/1 or None. A padded position is skipped: the token
+    after a run of left padding sees `shift_state`, and the returned state is x at the last valid position.
+    """
+    prev = torch.cat([shift_state[:, None], x[:, :-1]], 1)  # (B, T, C)
+    if mask is None:
+        return prev, x[:, -1]
+    valid = mask.bool()
+    prev_valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid[:, :-1]], 1)  # (B, T)
+    prev = torch.where(prev_valid[..., None], prev, shift_state[:, None])
+    pos = torch.arange(x.shape[1], device=x.device)
+    last = torch.where(valid, pos, -1).amax(1)  # (B,): -1 when a row has no valid position
+    new = x[torch.arange(x.shape[0], device=x.device), last.clamp(min=0)]  # (B, C)
+    return prev, torch.where((last >= 0)[:, None], new, shift_state)
+
+
+class RWKV6TimeMix(nn.Module):
+    """Finch time mixing ("attention"): data-dependent token shift (ddlerp), data-dependent decay, the WKV
+    recurrence with bonus u, per-head group norm `ln_x`, the SiLU gate, and the output projection."""
+
+    def __init__(self, config: RWKV6Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, A, N = config.hidden_size, config.attention_hidden_size, config.head_size
+        H, Dm, Dd = config.num_heads, config.time_mix_extra_dim, config.time_decay_extra_dim
+        self.num_heads, self.head_size, self.chunk_size = H, N, config.wkv_chunk_size
+        for name in ("x", "w", "k", "v", "r", "g"):
+            setattr(self, f"time_maa_{name}", nn.Parameter(torch.empty(1, 1, C)))
+        self.time_maa_w1 = nn.Parameter(torch.empty(C, 5 * Dm))
+        self.time_maa_w2 = nn.Parameter(torch.empty(5, Dm, C))
+        self.time_decay = nn.Parameter(torch.empty(1, 1, A))
+        self.time_decay_w1 = nn.Parameter(torch.empty(C, Dd))
+        self.time_decay_w2 = nn.Parameter(torch.empty(Dd, A))
+        self.time_faaaa = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, A, eps=1e-5 * config.head_size_divisor ** 2)
+
+    def forward(self, x, shift_state, wkv_state, mask=None):
+        """x: (B, T, C), the ln1 output; shift_state (B, C); wkv_state (B, H, N, N) float32; mask (B, T) or None.
+        Returns the block's residual update (B, T, C), the new shift state and the new WKV state."""
+        B, T, C = x.shape
+        H, N = self.num_heads, self.head_size
+        prev, shift_state = _token_shift(x, shift_state, mask)
+        xx = prev - x  # (B, T, C)
+        # ddlerp (Finch token shift): lerp weights μ + tanh(x A) B, one low-rank map per target w, k, v, r, g.
+        xxx = x + xx * self.time_maa_x
+        lora = torch.tanh(xxx @ self.time_maa_w1).view(B, T, 5, -1)  # (B, T, 5, Dm)
+        mw, mk, mv, mr, mg = torch.einsum("btfd,fdc->fbtc", lora, self.time_maa_w2).unbind(0)  # 5 × (B, T, C)
+        xw = x + xx * (self.time_maa_w + mw)
+        xk = x + xx * (self.time_maa_k + mk)
+        xv = x + xx * (self.time_maa_v + mv)
+        xr = x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)  # (B, T, A)
+        g = F.silu(self.gate(xg))  # (B, T, A)
+        # Data-dependent decay d_t = λ + tanh(x_w A) B; w_t = exp(-exp(d_t)), kept as log w_t = -exp(d_t) in
+        # float32 (the `rwkv` package also computes it in float32).
+        d = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # (B, T, A)
+        log_w = -torch.exp(d.float())
+        if mask is not None:  # a padded token writes nothing (k = 0) and decays nothing (w = 1)
+            m = mask[..., None]
+            k, log_w = k * m.to(k.dtype), log_w * m.to(log_w.dtype)
+        shape = (B, T, H, N)
+        args = (r.view(shape), k.view(shape), v.view(shape), log_w.view(shape), self.time_faaaa)
+        if T == 1:
+            out, wkv_state = wkv6_recurrent(*args, state=wkv_state)
+        else:
+            out, wkv_state = wkv6_chunked(*args, state=wkv_state, chunk_size=self.chunk_size)
+        # Group norm per head in float32 (as the `rwkv` package does), then the gate and the output projection.
+        out = F.group_norm(out.reshape(B * T, H * N), H, self.ln_x.weight.to(out.dtype),
+                           self.ln_x.bias.to(out.dtype), self.ln_x.eps).view(B, T, H * N)
+        return self.output(out.to(x.dtype) * g), shift_state, wkv_state
+
+
+class RWKV6ChannelMix(nn.Module):
+    """Finch channel mixing ("feed_forward"): token shift, squared-ReLU key, sigmoid receptance gate."""
+
+    def __init__(self, config: RWKV6Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, Fd = config.hidden_size, config.intermediate_size
+        self.time_maa_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, Fd, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(Fd, C, bias=False)
+
+    def forward(self, x, shift_state, mask=None):
+        """x: (B, T, C), the ln2 output; shift_state (B, C) → update (B, T, C), new shift state (B, C)."""
+        prev, shift_state = _token_shift(x, shift_state, mask)
+        xx = prev - x
+        k = torch.relu(self.key(x + xx * self.time_maa_k)).square()  # (B, T, F)
+        r = torch.sigmoid(self.receptance(x + xx * self.time_maa_r))  # (B, T, C)
+        return r * self.value(k), shift_state
+
+
+class RWKV6Block(GradientCheckpointingLayer):
+    """One Finch block: x += TimeMix(ln1(x)); x += ChannelMix(ln2(x)); block 0 first applies ln0 (`pre_ln`)."""
+
+    def __init__(self, config: RWKV6Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, eps = config.hidden_size, config.layer_norm_epsilon
+        if layer_id == 0:
+            self.pre_ln = nn.LayerNorm(C, eps=eps)
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+        self.attention = RWKV6TimeMix(config, layer_id)
+        self.feed_forward = RWKV6ChannelMix(config, layer_id)
+
+    def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None):
+        """x: (B, T, C) and this layer's state → new x (B, T, C) and the new state triple."""
+        if self.layer_id == 0:
+            x = self.pre_ln(x)
+        out, att_shift, wkv_state = self.attention(self.ln1(x), att_shift, wkv_state, mask)
+        x = x + out
+        out, ffn_shift = self.feed_forward(self.ln2(x), ffn_shift, mask)
+        return x + out, att_shift, wkv_state, ffn_shift
+
+
+# ============================================================================ models
+
+@dataclass
+class RWKV6CausalLMOutput(ModelOutput):
+    """loss: 0-dim (when labels are given); logits: (B, T, V); state: RWKV6State (when use_cache)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    state: list | None = None
+
+
+class RWKV6PreTrainedModel(PreTrainedModel):
+    config_class = RWKV6Config
+    config: RWKV6Config
+    base_model_prefix = "rwkv"
+    _no_split_modules = ["RWKV6Block"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """A from-scratch initialisation. The time_* parameters follow RWKV-LM's x060 init (layer-dependent
+        lerp weights, a decay spread over channels, a zigzag bonus, zero / ±0.01 low-rank maps).
+        Deviation from RWKV-LM: it zero-initialises att.output, ffn.value and ffn.receptance; we give every
+        linear layer an orthogonal init instead, so a from-scratch model is not degenerate (its logits depend
+        on the context) and an SVD-based adapter has a spectrum to work with."""
+        cfg = self.config
+        if isinstance(module, RWKV6TimeMix):
+            C, A, n_layer = cfg.hidden_size, cfg.attention_hidden_size, cfg.num_hidden_layers
+            r01 = module.layer_id / max(n_layer - 1, 1)  # 0 → 1 over depth
+            r10 = 1.0 - module.layer_id / n_layer  # 1 → ~0 over depth
+            ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
+            for name, power, extra in (("x", r10, 0.0), ("w", r10, 0.0), ("k", r10, 0.0),
+                                       ("v", r10, 0.3 * r01), ("r", 0.5 * r10, 0.0), ("g", 0.5 * r10, 0.0)):
+                init.copy_(getattr(module, f"time_maa_{name}"), 1.0 - (ddd.pow(power) + extra))
+            n = torch.arange(A, dtype=torch.float32)
+            init.copy_(module.time_decay, (-6 + 5 * (n / max(A - 1, 1)) ** (0.7 + 1.3 * r01)).view(1, 1, A))
+            zigzag = ((n + 1) % 3 - 1) * 0.1
+            init.copy_(module.time_faaaa, (r01 * (1 - n / max(A - 1, 1)) + zigzag).view_as(module.time_faaaa))
+            init.zeros_(module.time_maa_w1)
+            init.uniform_(module.time_maa_w2, -0.01, 0.01)
+            init.zeros_(module.time_decay_w1)
+            init.uniform_(module.time_decay_w2, -0.01, 0.01)
+        elif isinstance(module, RWKV6ChannelMix):
+            C = cfg.hidden_size
+            ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
+            r10 = 1.0 - module.layer_id / cfg.num_hidden_layers
+            init.copy_(module.time_maa_k, 1.0 - ddd.pow(r10))
+            init.copy_(module.time_maa_r, 1.0 - ddd.pow(r10))
+        elif isinstance(module, nn.Linear):
+            out_f, in_f = module.weight.shape
+            gain = max(1.0, (out_f / in_f) ** 0.5)
+            if out_f == cfg.vocab_size:
+                gain = 0.5 * (out_f / in_f) ** 0.5  # RWKV-LM's head gain
+            init.orthogonal_(module.weight, gain=gain)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)  # ln0 normalises the embedding anyway
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class RWKV6Model(RWKV6PreTrainedModel):
+    """Embedding, the blocks and ln_out: hidden states (B, T, C) from token ids (B, T)."""
+
+    def __init__(self, config: RWKV6Config):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(RWKV6Block(config, i) for i in range(config.num_hidden_layers))
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> RWKV6State:
+        """The zero state: per layer (att_shift (B, C), wkv (B, H, N, N) float32, ffn_shift (B, C))."""
+        cfg = self.config
+        device = device or self.embeddings.weight.device
+        dtype = dtype or self.embeddings.weight.dtype
+        C, H, N = cfg.hidden_size, cfg.num_heads, cfg.head_size
+        wkv_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return [(torch.zeros(batch_size, C, device=device, dtype=dtype),
+                 torch.zeros(batch_size, H, N, N, device=device, dtype=wkv_dtype),
+                 torch.zeros(batch_size, C, device=device, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
+
+    def forward(self, input_ids, attention_mask=None, state: RWKV6State | None = None):
+        """input_ids (B, T); attention_mask (B, T) of 0/1 or None; state or None (zeros)
+        → hidden states after ln_out (B, T, C) and the new state."""
+        B, T = input_ids.shape
+        x = self.embeddings(input_ids)  # (B, T, C)
+        if state is None:
+            state = self.init_state(B, x.device, x.dtype)
+        elif len(state) != len(self.blocks) or state[0][0].shape[0] != B:
+            raise ValueError(f"state has {len(state)} layers of batch {state[0][0].shape[0]}; this model needs "
+                             f"{len(self.blocks)} layers of batch {B} (pass the state this model returned)")
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(x.device)
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}")
+            if bool(mask.all()):
+                mask = None  # nothing padded: skip the masking work
+        new_state = []
+        for block, (att_shift, wkv, ffn_shift) in zip(self.blocks, state):
+            x, att_shift, wkv, ffn_shift = block(x, att_shift, wkv, ffn_shift, mask)
+            new_state.append((att_shift, wkv, ffn_shift))
+        return self.ln_out(x), new_state
+
+
+class RWKV6ForCausalLM(RWKV6PreTrainedModel):
+    """RWKV6 (Finch) language model: `RWKV6Model` + the `head` projection, with a shifted cross-entropy loss.
+
+    Adapter-targetable linear layers (all bias-free nn.Linear): rwkv.blocks.N.attention.{receptance, key,
+    value, gate, output} and rwkv.blocks.N.feed_forward.{key, value, receptance}.
+    """
+
+    def __init__(self, config: RWKV6Config):
+        super().__init__(config)
+        self.rwkv = RWKV6Model(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, value):
+        self.head = value
+
+    def init_state(self, batch_size: int) -> RWKV6State:
+        """The zero recurrent state for a batch (see `RWKV6Model.init_state`)."""
+        return self.rwkv.init_state(batch_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, state: RWKV6State | None = None,
+                use_cache: bool | None = None, return_dict: bool = True, logits_to_keep: int = 0,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs):
+        """input_ids (B, T); attention_mask (B, T) of 0/1 (left or right padding; a padded position leaves the
+        state unchanged); labels (B, T), -100 = ignored, shifted inside (token t predicts labels[t + 1]);
+        state: the recurrent state to continue from (None = start of text); use_cache: return the new state
+        (default: only when a state was passed in); logits_to_keep: if > 0, logits of the last n positions only.
+        Returns RWKV6CausalLMOutput(loss, logits (B, T or n, V), state)."""
+        if use_cache is None:
+            use_cache = state is not None
+        hidden, new_state = self.rwkv(input_ids, attention_mask, state)  # (B, T, C)
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError("logits_to_keep > 0 drops positions the loss needs; pass logits_to_keep=0")
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.head(hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B·(T-1), V)
+            shift_labels = labels[:, 1:].to(logits.device).reshape(-1)  # (B·(T-1),)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            else:  # the Trainer's token count over the accumulated batch, as transformers' own causal LMs do
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        state_out = new_state if use_cache else None
+        if not return_dict:
+            return tuple(t for t in (loss, logits, state_out) if t is not None)
+        return RWKV6CausalLMOutput(loss=loss, logits=logits, state=state_out)
+
+    # ------------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate_greedy(self, input_ids, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = 0,
+                        stop: Sequence[Sequence[int]] | Callable[[list[int]], bool] | None = None,
+                        attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+        """Greedy decoding for a batch of prompts, through the recurrent state (O(1) per new token).
+
+        input_ids: a list of token-id lists (any lengths), or a (B, T) tensor (with attention_mask (B, T) when
+        padded: only positions with mask 1 are read). The prompts are left-padded and run in one parallel
+        pass (padded positions leave the state unchanged), then tokens are decoded one step at a time.
+        A sequence ends at an EOS (not included in its output) or when its generated ids end with one of the
+        `stop` id sequences (included), or when `stop(generated_ids)` returns True.
+        Returns the generated ids (without the prompt) per prompt.
+        """
+        prompts = _as_prompt_lists(input_ids, attention_mask)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate_greedy got an empty prompt; every prompt needs at least one token")
+        eos = set() if eos_token_id is None else (
+            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        stop_seqs = [list(s) for s in stop] if stop is not None and not callable(stop) else []
+        device = self.head.weight.device
+        B, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        mask = torch.zeros(B, T, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, T - len(p):] = 1
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            state, logits = out.state, out.logits[:, -1]  # left padding: the last position is real for all
+            generated: list[list[int]] = [[] for _ in range(B)]
+            done = [False] * B
+            for step in range(max_new_tokens):
+                next_ids = logits.argmax(-1)  # (B,)
+                for i, tok in enumerate(next_ids.tolist()):
+                    if done[i]:
+                        continue
+                    if tok in eos:
+                        done[i] = True
+                        continue
+                    generated[i].append(tok)
+                    if callable(stop):
+                        done[i] = bool(stop(generated[i]))
+                    elif any(len(s) and generated[i][-len(s):] == s for s in stop_seqs):
+                        done[i] = True
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                out = self(next_ids[:, None], state=state, use_cache=True)
+                state, logits = out.state, out.logits[:, -1]
+        finally:
+            self.train(was_training)
+        return generated
+
+    # ------------------------------------------------------------------------ checkpoint layouts
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], config: RWKV6Config | None = None,
+                        dtype: torch.dtype = torch.float32, consume: bool = False) -> RWKV6ForCausalLM:
+        """A model from a state dict in this module's (= the "-HF") layout, built without a random init.
+        The config is inferred from the tensor shapes when not given. consume=True empties `state_dict` as it
+        goes, so a dtype conversion of a large checkpoint never holds both copies whole."""
+        config = config or config_from_state_dict(state_dict)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"not an RWKV6 (x060) state dict for this config: missing {missing[:4]}"
+                             f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                             f"{' ...' if len(unexpected) > 4 else ''}")
+        tensors = {}
+        for name, ref in expected.items():
+            t = state_dict.pop(name) if consume else state_dict[name]
+            if t.numel() != ref.numel():
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; the inferred config needs {tuple(ref.shape)}")
+            tensors[name] = t.detach().reshape(ref.shape).to(dtype=dtype).contiguous()
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model.config.dtype = dtype
+        return model
+
+    @classmethod
+    def from_rwkv_checkpoint(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RWKV6ForCausalLM:
+        """Load an official RWKV6 (x060) `.pth` (the layout in the module docstring), inferring the config
+        from tensor shapes. Read with torch.load(weights_only=True): nothing is unpickled."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RWKV checkpoint {str(path)!r} does not exist; pass the path of an RWKV6 .pth")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle with non-tensor objects, or not a torch file at all
+            raise ValueError(f"{str(path)!r} is not a plain tensor checkpoint loadable with weights_only=True "
+                             f"({type(e).__name__}); pass an official RWKV6 .pth") from None
+        sd = official_to_hf_state_dict(sd, source=str(path))  # drops the last reference to the original dict
+        return cls.from_state_dict(sd, dtype=dtype, consume=True)
+
+    def save_rwkv_checkpoint(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write the official `.pth` layout (readable by the `rwkv` package; dtype None keeps the model's).
+        Written to a temporary file and renamed, so an interrupted save never leaves a partial file."""
+        sd = self.state_dict()
+        expected = _expected_hf_keys(self.config)
+        if set(sd) != expected:
+            odd = sorted(set(sd) ^ expected)[:4]
+            raise ValueError(f"the model has non-RWKV6 parameters ({odd} ...); merge adapters first "
+                             "(sorsa.merge_and_unload) so only plain linear weights remain")
+        out = hf_to_official_state_dict({k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in sd.items()})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(out, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def from_hf_rwkv6(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RWKV6ForCausalLM:
+        """Load a local Hugging Face RWKV6 "-HF" directory (rwkv.blocks.N.attention.key.weight, ...): safetensors
+        (model.safetensors, or sharded with an index) or pytorch_model.bin (read with weights_only=True).
+        The config comes from the tensor shapes; config.json, when present, supplies layer_norm_epsilon and
+        head_size_divisor and must agree with the shapes."""
+        directory = Path(directory)
+        sd = _load_hf_weights(directory)
+        config = config_from_state_dict(sd)
+        cfg_file = directory / "config.json"
+        if cfg_file.is_file():
+            hf = json.loads(cfg_file.read_text())
+            if hf.get("head_size") not in (None, config.head_size):
+                raise ValueError(f"{cfg_file}: head_size={hf['head_size']} but time_faaaa has head size "
+                                 f"{config.head_size}; the checkpoint's config.json does not match its weights")
+            for key in ("layer_norm_epsilon", "head_size_divisor"):
+                if hf.get(key) is not None:
+                    setattr(config, key, type(getattr(config, key))(hf[key]))
+        return cls.from_state_dict(sd, config=config, dtype=dtype, consume=True)
+
+
+def _as_prompt_lists(input_ids, attention_mask) -> list[list[int]]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids tensor must be (B, T), got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            return input_ids.tolist()
+        return [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
+    return [[int(t) for t in p] for p in input_ids]
+
+
+# ============================================================================ layout conversion
+
+def _official_to_hf_key(key: str) -> str:
+    if key == "head.weight":
+        return key
+    key = re.sub(r"^emb\.", "embeddings.", key)
+    key = re.sub(r"^blocks\.0\.ln0\.", "blocks.0.pre_ln.", key)
+    key = re.sub(r"^blocks\.(\d+)\.att\.", r"blocks.\1.attention.", key)
+    key = re.sub(r"^blocks\.(\d+)\.ffn\.", r"blocks.\1.feed_forward.", key)
+    return "rwkv." + key
+
+
+def _hf_to_official_key(key: str) -> str:
+    if key == "head.weight":
+        return key
+    key = key.removeprefix("rwkv.")
+    key = re.sub(r"^embeddings\.", "emb.", key)
+    key = re.sub(r"^blocks\.0\.pre_ln\.", "blocks.0.ln0.", key)
+    key = re.sub(r"^blocks\.(\d+)\.attention\.", r"blocks.\1.att.", key)
+    key = re.sub(r"^blocks\.(\d+)\.feed_forward\.", r"blocks.\1.ffn.", key)
+    return key
+
+
+def official_to_hf_state_dict(sd: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Rename an official RWKV6 `.pth` state dict to this module's (= the "-HF") layout, checking that it is one."""
+    if not isinstance(sd, dict) or "emb.weight" not in sd:
+        raise ValueError(f"{source} is not an official RWKV checkpoint (no 'emb.weight'); "
+                         "for a Hugging Face directory use RWKV6ForCausalLM.from_hf_rwkv6")
+    if "_strategy" in sd:
+        raise ValueError(f"{source} was converted by the rwkv package (strategy {sd['_strategy']!r}); "
+                         "load the original .pth instead")
+    if "blocks.0.att.time_maa_x" not in sd:
+        version = "v7" if "blocks.0.att.r_k" in sd else "v4/v5" if "blocks.0.att.time_mix_k" in sd else "unknown"
+        raise ValueError(f"{source} is an RWKV {version} checkpoint, not RWKV6 (x060: blocks.N.att.time_maa_x); "
+                         "only RWKV6 Finch models are supported")
+    if any(k.endswith(".time_state") for k in sd):
+        raise ValueError(f"{source} carries a tuned initial state (time_state), which is not supported; "
+                         "use the base model's .pth")
+    return {_official_to_hf_key(k): v for k, v in sd.items()}
+
+
+def hf_to_official_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a state dict of this module's layout to the official `.pth` layout."""
+    return {_hf_to_official_key(k): v for k, v in sd.items()}
+
+
+def _expected_hf_keys(config: RWKV6Config) -> set[str]:
+    with torch.device("meta"):
+        return set(RWKV6ForCausalLM(config).state_dict())
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor]) -> RWKV6Config:
+    """An RWKV6Config read off the tensor shapes of a state dict in this module's (= "-HF") layout."""
+    try:
+        V, C = sd["rwkv.embeddings.weight"].shape
+        att = "rwkv.blocks.0.attention."
+        H, N = sd[att + "time_faaaa"].shape
+        return RWKV6Config(
+            vocab_size=V, hidden_size=C,
+            num_hidden_layers=1 + max(int(m.group(1)) for k in sd if (m := re.match(r"rwkv\.blocks\.(\d+)\.", k))),
+            attention_hidden_size=sd[att + "key.weight"].shape[0], head_size=N,
+            intermediate_size=sd["rwkv.blocks.0.feed_forward.key.weight"].shape[0],
+            time_mix_extra_dim=sd[att + "time_maa_w2"].shape[-2],
+            time_decay_extra_dim=sd[att + "time_decay_w1"].shape[-1])
+    except KeyError as e:
+        raise ValueError(f"not an RWKV6 state dict: missing {e.args[0]!r}") from None
+
+
+def _load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{str(directory)!r} is not a directory; pass a local RWKV6 -HF model directory")
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", _torch_load_safe)):
+        index = directory / index_name
+        if index.is_file():
+            sd = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                sd.update(loader(str(directory / shard)))
+            return sd
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").is_file():
+        return _torch_load_safe(str(directory / "pytorch_model.bin"))
+    raise FileNotFoundError(f"{str(directory)!r} has no model.safetensors or pytorch_model.bin (nor a sharded index)")
+
+
+def _torch_load_safe(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r} is not loadable with weights_only=True ({type(e).__name__}); "
+                         "it holds more than tensors, so it is not read") from None
+
+
+# ============================================================================ tokenizer
+
+VOCAB_FILE = "rwkv_vocab_v20230424.txt"
+
+
+def _default_vocab_file() -> Path:
+    spec = importlib.util.find_spec("rwkv")  # locate the package's data file without importing rwkv.model
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the RWKV world vocabulary ({VOCAB_FILE}) ships with the `rwkv` package: "
+                                "pip install rwkv, or pass vocab_file=")
+    return Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILE
+
+
+@functools.lru_cache(maxsize=4)
+def _read_vocab(path: str) -> tuple[dict[int, bytes], dict]:
+    """id → bytes, and a byte trie (nested dicts; key 256 holds the id of the token ending there)."""
+    id_to_bytes: dict[int, bytes] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            first, last = line.index(" "), line.rindex(" ")
+            # Each line is `id <python str or bytes literal> <byte length>`; literal_eval, never eval.
+            tok = ast.literal_eval(line[first + 1:last])
+            tok = tok.encode("utf-8") if isinstance(tok, str) else tok
+            if not isinstance(tok, bytes) or len(tok) != int(line[last + 1:]):
+                raise ValueError(f"{path}:{n}: malformed vocabulary line {line[:60]!r}")
+            id_to_bytes[int(line[:first])] = tok
+    trie: dict = {}
+    for i, tok in id_to_bytes.items():
+        node = trie
+        for b in tok:
+            node = node.setdefault(b, {})
+        node[256] = i
+    return id_to_bytes, trie
+
+
+class RWKVWorldTokenizer:
+    """The RWKV "world" tokenizer: greedy longest match over the byte vocabulary shipped with the `rwkv` package
+    (ids 1..65529); id 0 is end-of-text and padding and has no text.
+
+    encode(str) → list[int]; decode(ids) → str; batch_decode; __call__(texts, padding=, return_tensors="pt")
+    → BatchEncoding(input_ids, attention_mask) padded with id 0 on `padding_side`.
+    """
+
+    eos_token_id = 0
+    pad_token_id = 0
+    bos_token_id = 0
+    # Id 0 has no text: templates that format "{eos}" into a string get nothing, so code that trains on
+    # text must append eos_token_id to the ids itself.
+    eos_token = ""
+    bos_token = ""
+    pad_token = ""
+    vocab_size = 65536
+
+    def __init__(self, vocab_file: str | os.PathLike | None = None, padding_side: str = "right"):
+        self.vocab_file = str(vocab_file or _default_vocab_file())
+        if not os.path.isfile(self.vocab_file):
+            raise FileNotFoundError(f"RWKV vocabulary {self.vocab_file!r} does not exist")
+        self.id_to_bytes, self._trie = _read_vocab(self.vocab_file)
+        self.padding_side = padding_side
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (no BOS/EOS: RWKV world models use none at the start of a prompt)."""
+        data, root = text.encode("utf-8"), self._trie
+        ids, i, n = [], 0, len(data)
+        while i < n:
+            node, j, best, best_end = root, i, -1, i
+            while j < n:
+                node = node.get(data[j])
+                if node is None:
+                    break
+                j += 1
+                if 256 in node:
+                    best, best_end = node[256], j
+            if best < 0:  # every single byte is in the vocabulary, so this only happens with a broken file
+                raise ValueError(f"byte {data[i]} at offset {i} has no token in {self.vocab_file}")
+            ids.append(best)
+            i = best_end
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of token ids (ids without text, such as 0, give nothing; bad UTF-8 becomes U+FFFD)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
+        if isinstance(sequences, torch.Tensor):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    def __call__(self, texts: str | Sequence[str], padding: bool | str = False, truncation: bool = False,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 padding_side: str | None = None, add_special_tokens: bool = False, **kwargs):
+        """Tokenize a text or a batch. padding: False, True / "longest", or "max_length"; truncation keeps the
+        first max_length ids. Returns a transformers BatchEncoding with input_ids and attention_mask
+        (tensors (B, T) with return_tensors="pt", which needs equal lengths, i.e. padding)."""
+        from transformers import BatchEncoding
+
+        single = isinstance(texts, str)
+        batch = [self.encode(t) for t in ([texts] if single else texts)]
+        if truncation and max_length is not None:
+            batch = [ids[:max_length] for ids in batch]
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side={side!r}; use 'left' (generation) or 'right' (training)")
+        if padding in (True, "longest", "max_length"):
+            width = max_length if padding == "max_length" and max_length else max((len(b) for b in batch), default=0)
+            masks = [[1] * len(b) + [0] * (width - len(b)) for b in batch]
+            padded = [b + [self.pad_token_id] * (width - len(b)) for b in batch]
+            if side == "left":
+                masks = [m[len(b):] + m[:len(b)] for m, b in zip(masks, batch)]
+                padded = [p[len(b):] + p[:len(b)] for p, b in zip(padded, batch)]
+            batch, mask = padded, masks
+        elif padding in (False, "do_not_pad", None):
+            mask = [[1] * len(b) for b in batch]
+        else:
+            raise ValueError(f"padding={padding!r}; use False, True/'longest' or 'max_length'")
+        data = {"input_ids": batch, "attention_mask": mask}
+        if single:
+            data = {k: v[0] for k, v in data.items()}
+        return BatchEncoding(data, tensor_type=return_tensors)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Copy the vocabulary file into `directory` (so a run or merged model directory is self-contained)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / VOCAB_FILE).write_bytes(Path(self.vocab_file).read_bytes())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> RWKVWorldTokenizer:
+        """The tokenizer whose vocabulary file `save_pretrained` wrote into `directory`."""
+        return cls(Path(directory) / VOCAB_FILE, **kwargs)
+
+
+def load_rwkv6(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RWKV6ForCausalLM:
+    """An RWKV6 model from an official `.pth` file, or from a directory in the "-HF" layout (a released
+    "-HF" checkpoint, or one this toolkit wrote with save_pretrained)."""
+    path = Path(path)
+    if path.is_file():
+        return RWKV6ForCausalLM.from_rwkv_checkpoint(path, dtype=dtype)
+    if path.is_dir():
+        return RWKV6ForCausalLM.from_hf_rwkv6(path, dtype=dtype)
+    raise FileNotFoundError(f"RWKV6 model {str(path)!r} does not exist; pass an official .pth file or a "
+                            "directory in the -HF layout")
+
+
+def load_rwkv_tokenizer(path: str | os.PathLike | None = None):
+    """The tokenizer stored beside an RWKV6 model: a transformers tokenizer (tokenizer.json, as the built-in
+    model has) or a copy of the world vocabulary; otherwise the RWKV world tokenizer shipped with `rwkv`."""
+    directory = Path(path) if path is not None else None
+    if directory is not None and directory.is_file():
+        directory = directory.parent
+    if directory is not None and (directory / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+    if directory is not None and (directory / VOCAB_FILE).is_file():
+        return RWKVWorldTokenizer.from_pretrained(directory)
+    return RWKVWorldTokenizer()
+
+
+# `AutoConfig` / `AutoModelForCausalLM` resolve model_type "rwkv6" (e.g. a merged model directory) to this module.
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register("rwkv6", RWKV6Config)
+    AutoModelForCausalLM.register(RWKV6Config, RWKV6ForCausalLM)
+except ValueError:  # already registered (e.g. a module reload)
+    pass

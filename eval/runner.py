@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,32 +22,14 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from sorsa.fileio import atomic_write_text as write_text_atomic, jsonl_text  # noqa: F401  (re-exported)
+
 from .benchmarks import BENCHMARKS, MAX_NEW_TOKENS, STOP_STRINGS, get_benchmark  # noqa: F401  (re-exported)
 
 GENERATIONS_FILE = "generations.jsonl"
 RESULTS_FILE = "results.json"
 SETTINGS_FILE = "generation_settings.json"
 DEFAULT_CHUNK = 8
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, then os.replace: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def jsonl_text(records: list[dict]) -> str:
-    """One JSON object per line (non-ASCII kept readable)."""
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def read_generations(path: Path) -> list[dict]:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sorsa.fileio import atomic_write_text, jsonl_text
 from sorsa.data import (
     ALPACA_PREFIX,
     ANSWER_CUE,
@@ -159,9 +160,9 @@ def materialize_dataset(path_dir, n_train: int = 2000, n_test: int = 200, seed: 
     train = make_problems(n_train, seed, level)
     test = make_problems(n_test, seed + 1_000_003, level, exclude={p.question for p in train})
     path_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl_atomic(train_path, [p.metamath() for p in train])
-    _write_jsonl_atomic(test_path, [p.gsm8k() for p in test])
-    _write_text_atomic(path_dir / MARKER_FILE, json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(train_path, jsonl_text(p.metamath() for p in train))
+    atomic_write_text(test_path, jsonl_text(p.gsm8k() for p in test))
+    atomic_write_text(path_dir / MARKER_FILE, json.dumps(settings, indent=2) + "\n")
     return train_path, test_path
 
 
@@ -451,22 +452,6 @@ def _marker_matches(path: Path, settings: dict) -> bool:
     except (OSError, ValueError):
         return False
     return all(marker.get(k) == v for k, v in settings.items())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the finished file is an ordinary one
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    _write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--svd-cache-path", help="reuse SVD initialisations saved here")
     g.add_argument("--local", action=B, help="load models and data from local files only")
     g.add_argument("--trust-remote-code", action=B, help="allow a model's own code (off by default)")
+    g = p.add_argument_group("planning (nothing is trained)")
+    g.add_argument("--dry-run", action="store_true", help="print the run's plan without loading weights: target "
+                   "layers, trainable parameters, memory per GPU (the four 7B models of the paper work offline)")
+    g.add_argument("--gpus", type=int, metavar="N", help="with --dry-run: plan for N GPUs (default: WORLD_SIZE or 1)")
     return p
 
 
@@ -285,7 +289,53 @@ def _prepare_train_dir(cfg, run_dir: Path) -> str | None:
     return str(checkpoints[-1]) if cfg.resume and checkpoints else None
 
 
-def build_training_arguments(cfg, run_dir: Path):
+def init_distributed(cfg):
+    """The accelerate state of a multi-process launch (torchrun, accelerate launch, deepspeed) or of a
+    DeepSpeed run, created before anything else so the Trainer reuses it; None for one plain process.
+
+    On a machine without CUDA the processes talk over gloo: the Trainer's `use_cpu` path would pick a
+    CPU backend without DeepSpeed, so the state is made here, DeepSpeed-aware when --deepspeed is given.
+    """
+    import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 and not cfg.deepspeed:
+        return None
+    from accelerate import PartialState
+
+    if cfg.deepspeed:
+        if not Path(cfg.deepspeed).is_file():
+            raise UserError(f"--deepspeed {cfg.deepspeed}: no such file; use one of configs/deepspeed/"
+                            "zero2.json, zero3.json, zero3_offload.json or your own DeepSpeed JSON")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("--deepspeed needs the deepspeed package: pip install -e '.[deepspeed]' "
+                            "(DS_BUILD_OPS=0 builds its ops on first use)") from None
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        # one process without a launcher: DeepSpeed still wants a process group of one
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+    if torch.cuda.is_available():
+        return PartialState()
+    # Without CUDA: gloo. DeepSpeed's CPU path wants cpu=False (accelerate then starts DeepSpeed's
+    # process group); plain DDP wants cpu=True (otherwise accelerate leaves the processes unconnected).
+    return PartialState(backend="gloo") if cfg.deepspeed else PartialState(cpu=True, backend="gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_training_arguments(cfg, run_dir: Path, configured_state: bool = False):
+    """The Trainer's arguments. With --deepspeed they also install DeepSpeed's config process-wide, which
+    under ZeRO-3 makes a later `from_pretrained` load every weight already partitioned: build them
+    before the model. `configured_state`: reuse the state made by `init_distributed`."""
     import torch
 
     from sorsa.trainer import SORSATrainingArguments
@@ -301,7 +351,9 @@ def build_training_arguments(cfg, run_dir: Path):
         activation_checkpointing=cfg.grad_cp, save_strategy="steps", save_steps=cfg.save_steps,
         logging_steps=cfg.logging_steps, report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=not on_gpu, deepspeed=cfg.deepspeed, remove_unused_columns=False, disable_tqdm=False,
-        dataloader_num_workers=0, save_only_model=False)
+        dataloader_num_workers=0, save_only_model=False,
+        ddp_find_unused_parameters=False,  # every adapter (and, for full, every weight) gets a gradient
+        accelerator_config={"use_configured_state": True} if configured_state else None)
 
 
 def prepare_model_for_training(cfg, model):
@@ -318,52 +370,87 @@ def prepare_model_for_training(cfg, model):
 
 
 def train(cfg, run_dir: Path):
+    """Fine-tune and save the adapter, in one process or under torchrun / accelerate / deepspeed."""
+    import contextlib
+
     import torch
     from transformers import set_seed
 
-    from sorsa import format_parameter_summary, save_adapter
-    from sorsa.baselines import save_initial_pissa, save_peft_adapter
+    from sorsa import format_parameter_summary
+    from sorsa.baselines import save_initial_pissa
     from sorsa.data import CausalLMCollator, load_train_dataset, tokenize_train_dataset
     from sorsa.trainer import SORSATrainer
 
-    resume_from = _prepare_train_dir(cfg, run_dir)
+    state = init_distributed(cfg)
+    main_first = state.main_process_first if state is not None else contextlib.nullcontext
+    is_main = state is None or state.is_main_process
+    with main_first():  # the main process clears or checks the run directory before the others look
+        resume_from = _prepare_train_dir(cfg, run_dir)
     set_seed(cfg.seed)
-    resolve_model_name(cfg.model, cfg)  # a mistyped path fails here, before any data is read
-    # The data before the model: a broken file fails in a second, before a 7B model is loaded.
-    dataset = load_train_dataset(cfg.train_dataset, cfg.split, resolve_data_file(cfg.train_file, cfg, "train"),
-                                 cfg.cache_path)
-    tokenizer = load_tokenizer(cfg)
+    with main_first():  # a builtin model and the tokenized data are built once and then read by all
+        # Cheap checks first: a mistyped path or an unreachable hub model (through its tokenizer) fails
+        # here, and a broken data file fails in a second, before a 7B model is loaded.
+        tokenizer = load_tokenizer(cfg)
+        dataset = load_train_dataset(cfg.train_dataset, cfg.split, resolve_data_file(cfg.train_file, cfg, "train"),
+                                     cfg.cache_path)
+        dataset = tokenize_train_dataset(dataset, tokenizer, cfg.train_dataset, cfg.length)
+    # The arguments before the model: under ZeRO-3 they make from_pretrained load the weights partitioned.
+    args = build_training_arguments(cfg, run_dir, configured_state=state is not None)
     # Full fine-tuning keeps float32 master weights; the adapter methods load the frozen base in the
     # compute precision (the paper: bf16 residual) and keep their adapters in float32.
     model = load_model(cfg, torch.float32 if cfg.peft == "full" else _dtype(cfg.precision))
-    dataset = tokenize_train_dataset(dataset, tokenizer, cfg.train_dataset, cfg.length)
-    write_run_record(cfg, run_dir)
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    if cfg.deepspeed and torch.cuda.is_available() and not partitioned:
+        model = model.to(state.device)  # ZeRO-1/2: decompose on the GPU; DeepSpeed would move it there anyway
+    if is_main:
+        write_run_record(cfg, run_dir)
+        if partitioned:
+            print(f"[run] ZeRO-3: the base weights were loaded partitioned over {state.num_processes} ranks; "
+                  "each weight is gathered whole only while it is decomposed")
     model = prepare_model_for_training(cfg, model)
     if cfg.grad_cp and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
-    print(f"[run] {cfg.peft} on {cfg.model}: {format_parameter_summary(model)}")
-    if cfg.peft == "pissa" and resume_from is None:
-        save_initial_pissa(model, run_dir / "pissa_init")
-    trainer = SORSATrainer(model=model, args=build_training_arguments(cfg, run_dir), train_dataset=dataset,
+    if is_main:
+        print(f"[run] {cfg.peft} on {cfg.model}: {format_parameter_summary(model)}")
+        if cfg.peft == "pissa" and resume_from is None:
+            save_initial_pissa(model, run_dir / "pissa_init")
+    trainer = SORSATrainer(model=model, args=args, train_dataset=dataset,
                            data_collator=CausalLMCollator(tokenizer.pad_token_id))
     trainer.train(resume_from_checkpoint=resume_from)
+    save_trained(cfg, run_dir, trainer, tokenizer)
+    if cfg.deepspeed:  # a merge or test in this process loads plain, whole models again
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if trainer.is_world_process_zero():
-        if cfg.peft == "sorsa":
-            save_adapter(model, run_dir / "adapter", metadata={"base_model": cfg.model})
-        elif cfg.peft in ("lora", "pissa"):
-            save_peft_adapter(model, run_dir / "adapter", run_dir / "pissa_init" if cfg.peft == "pissa" else None)
-        else:
-            model.save_pretrained(run_dir / "model")
-            tokenizer.save_pretrained(run_dir / "model")
         history = trainer.state.log_history
         _atomic_write(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         losses = [r["loss"] for r in history if "loss" in r]
         summary = {"steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-                   "last_loss": losses[-1] if losses else None}
+                   "last_loss": losses[-1] if losses else None, "world_size": trainer.args.world_size,
+                   "deepspeed": cfg.deepspeed}
         _atomic_write(run_dir / TRAIN_DONE, json.dumps(summary, indent=2) + "\n")
         print(f"[run] trained {summary['steps']} steps: loss {summary['first_loss']} -> {summary['last_loss']}; "
               f"adapter in {run_dir / ('model' if cfg.peft == 'full' else 'adapter')}")
     return model
+
+
+def save_trained(cfg, run_dir: Path, trainer, tokenizer):
+    """The trained adapter (or model) into RUN/adapter (RUN/model); every rank calls this (under DeepSpeed
+    the float32 master weights are gathered collectively), the main process writes."""
+    from sorsa.baselines import save_peft_adapter
+
+    if cfg.peft == "sorsa":
+        trainer.save_sorsa_adapter(str(run_dir / "adapter"), metadata={"base_model": cfg.model})
+    elif cfg.peft in ("lora", "pissa"):
+        with trainer.full_trainable_parameters():
+            if trainer.is_world_process_zero():
+                save_peft_adapter(trainer.model, run_dir / "adapter",
+                                  run_dir / "pissa_init" if cfg.peft == "pissa" else None)
+    else:
+        trainer.save_model(str(run_dir / "model"))  # DeepSpeed: its 16-bit consolidation (ZeRO-3 config)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(run_dir / "model")
 
 
 # ----------------------------------------------------------------------------- merge
@@ -443,12 +530,19 @@ def test(cfg, run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        dry, gpus, argv = _split_planning_flags(sys.argv[1:] if argv is None else list(argv))
+        if dry:  # a plan of the training run: --train is implied
+            cfg = resolve_config(argv if any(a in argv for a in ("-t", "--train")) else argv + ["--train"])
+            dry_run(cfg, gpus)
+            return 0
         cfg = resolve_config(argv)
         if cfg.test and not cfg.name:  # scoring --model directly: a run named after the model
             cfg.name = "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model.strip("/")).strip("._")[-80:]
         run_dir = run_dir_of(cfg)
         if cfg.train:
             train(cfg, run_dir)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # under a multi-process launcher, merge and test run once, on the main process
         if cfg.merge:
             merge(cfg, run_dir)
         if cfg.test:
@@ -459,6 +553,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _split_planning_flags(argv: list[str]) -> tuple[bool, int, list[str]]:
+    """(--dry-run given, --gpus N, the remaining arguments). The planning flags are not run settings, and
+    the `deepspeed` launcher's --local_rank=N is dropped (LOCAL_RANK in the environment says the same)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--gpus", type=int, default=None)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    known, rest = parser.parse_known_args(argv)
+    if known.gpus is not None and known.gpus < 1:
+        raise UserError(f"--gpus {known.gpus}: give a number of GPUs >= 1")
+    gpus = known.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    return known.dry_run, gpus, rest
+
+
+def dry_run(cfg, gpus: int = 1):
+    """Print the plan of cfg's training run (sorsa/planner.py): built on the meta device, no weights read."""
+    from sorsa.planner import format_plan, plan_run
+
+    targets = cfg.target_modules or (RWKV_TARGETS if cfg.rwkv else DEFAULT_TARGETS)
+    model = cfg.model if cfg.model.startswith("builtin:") or not Path(cfg.model).expanduser().exists() \
+        else str(Path(cfg.model).expanduser())
+    plan = plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=targets, rwkv=cfg.rwkv,
+                    batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, length=cfg.length,
+                    precision=cfg.precision, grad_cp=cfg.grad_cp, deepspeed=cfg.deepspeed, gpus=gpus,
+                    trust_remote_code=cfg.trust_remote_code)
+    print(format_plan(plan))
+    return plan
 
 
 def _is_user_error(err: Exception) -> bool:

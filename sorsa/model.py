@@ -1,8 +1,10 @@
 """Model-level SORSA: inject adapters by target name, the orthonormal loss, merge and unload,
 adapter save/load (safetensors + JSON), export as a PEFT LoRA, and the on-disk SVD cache.
+Weights partitioned by DeepSpeed ZeRO-3 are gathered one at a time while they are decomposed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -132,9 +134,13 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
                 progress: bool = True) -> nn.Module:
     """Replace every targeted nn.Linear of `model` by a SORSALinear, in place, and freeze the rest.
 
-    Each weight is decomposed in float32 on its own device, one layer at a time, so the peak extra
-    memory is one weight's float32 copy and its factors. With `svd_cache_dir`, decompositions are
-    read from / written to an `SVDCache` there. Returns the model.
+    Each weight is decomposed in float32 on its own device, one layer at a time, and W_res is written
+    back in the residual dtype before the next layer starts, so the peak extra memory is one weight's
+    float32 copy and its SVD factors, never a float32 copy of the model (tests/test_init_memory.py).
+    A weight partitioned by DeepSpeed ZeRO-3 is gathered whole for its decomposition, every rank
+    decomposes it identically (the factors are then taken from rank 0, so they agree bit for bit),
+    and W_res goes back into the partitioned parameter. With `svd_cache_dir`, decompositions are read
+    from / written to an `SVDCache` there. Returns the model.
     """
     targets = find_target_modules(model, config.target_modules)
     for name, linear in targets:
@@ -145,23 +151,82 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     cache = SVDCache(svd_cache_dir) if svd_cache_dir is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
+    main_rank = _rank() == 0
     bar = tqdm(targets, desc=f"SORSA init ({config.svd} SVD, r={config.rank})", unit="layer",
-               disable=not progress)
+               disable=not progress or not main_rank, dynamic_ncols=True)
     for name, linear in bar:
-        layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
-        factors = None
-        if cache is not None:
-            key = cache.key(linear.weight, name, config.rank, config.svd, config.niter, config.seed)
-            factors = cache.get(key)
-        if factors is None:
-            factors = SF.svd_top(linear.weight, config.rank, config.svd, config.niter, config.seed)
+        weight = linear.weight
+        with _whole_weight(weight):
+            factors = None
             if cache is not None:
-                cache.put(key, *factors)
-        U, S, Vh = factors
-        layer.set_factors(U, S / config.scale, Vh, config.residual_dtype)
+                key = cache.key(weight, name, config.rank, config.svd, config.niter, config.seed)
+                factors = cache.get(key)
+            if factors is None:
+                factors = SF.svd_top(weight, config.rank, config.svd, config.niter, config.seed)
+                if cache is not None and main_rank:
+                    cache.put(key, *factors)
+            if _is_partitioned(weight):
+                factors = _from_rank_zero(factors)
+            U, S, Vh = factors
+            layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
+            layer.set_factors(U, S / config.scale, Vh, config.residual_dtype)
+            del factors, U, S, Vh
+            if _is_partitioned(weight):
+                # set_factors made W_res a new, whole parameter; put it into the partitioned one instead,
+                # which rank 0's copy re-partitions on leaving the block (its dtype is DeepSpeed's).
+                W_res = linear.weight.data
+                linear.weight = weight
+                weight.data.copy_(W_res)
+                del W_res
         _replace_module(model, name, layer)
+        del weight, layer  # the replaced weight is freed here, before the next layer is decomposed
     model.sorsa_config = config
     return model
+
+
+# ----------------------------------------------------------------------------- DeepSpeed ZeRO-3
+
+def _is_partitioned(p: torch.Tensor) -> bool:
+    """True for a parameter that DeepSpeed ZeRO-3 partitions across ranks (its .data is a placeholder)."""
+    return hasattr(p, "ds_id")
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _whole_weight(param: torch.Tensor):
+    """Inside the block `param` is whole on every rank; rank 0's changes are kept and re-partitioned on
+    exit. A parameter that is not partitioned passes through untouched."""
+    return gathered_parameters([param], modifier_rank=0)
+
+
+def _from_rank_zero(tensors):
+    """The same tensors on every rank: rank 0's values, broadcast in place (a no-op for one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        tensors = tuple(t.contiguous() for t in tensors)
+        for t in tensors:
+            torch.distributed.broadcast(t, src=0)
+    return tensors
+
+
+@contextlib.contextmanager
+def gathered_parameters(params, modifier_rank: int | None = None):
+    """Whole ZeRO-3 parameters inside the block (read-only unless `modifier_rank`); others pass through.
+
+    Collective under ZeRO-3: every rank must enter it with the same parameters in the same order.
+    """
+    params = [p for p in params if _is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
 
 
 # ----------------------------------------------------------------------------- loss / merge
@@ -196,12 +261,15 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 # ----------------------------------------------------------------------------- save / load
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None):
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,
+                 factors: dict[str, torch.Tensor] | None = None):
     """Write the adapter alone to directory `path`: adapter_model.safetensors + adapter_config.json.
 
     The file holds, per adapted layer, the trained U_p, S_p, Vh_p and the initial U_0, S_0, Vh_0.
     The initial factors define W_res = W − scale · U_0 diag(S_0) Vh_0, so `load_adapter` rebuilds the
-    trained model exactly from the base weights without running an SVD.
+    trained model exactly from the base weights without running an SVD. `factors` ("<layer>.U_p" ->
+    tensor, "<layer>.U_0" -> ...) replaces some of the layers' own tensors, e.g. by float32 copies where
+    DeepSpeed holds partitioned or bf16 ones.
     """
     layers = sorsa_layers(model)
     config = getattr(model, "sorsa_config", None)
@@ -209,8 +277,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
         raise ValueError("save_adapter: the model has no SORSA adapters (apply_sorsa or load_adapter first)")
     if any(layer.merged for _, layer in layers):
         raise ValueError("save_adapter: the adapters are merged into the weights; save before merging")
-    tensors = {f"{name}.{f}": getattr(layer, f).detach().cpu().contiguous()
-               for name, layer in layers for f in _FACTORS}
+    factors = factors or {}
+    tensors = {}
+    for name, layer in layers:
+        for f in _FACTORS:
+            value = factors.get(f"{name}.{f}", getattr(layer, f))
+            if value.numel() == 0:  # a ZeRO-3 placeholder: the caller must gather or pass `factors`
+                raise ValueError(f"save_adapter: {name}.{f} is partitioned (DeepSpeed ZeRO-3); save inside "
+                                 "gathered_parameters(...) or pass the gathered tensors as `factors`")
+            tensors[f"{name}.{f}"] = value.detach().cpu().contiguous()
     path = Path(path)
     _atomic_save(tensors, path / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
     info = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "config": config.to_dict(),
@@ -288,10 +363,14 @@ def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
 
 # ----------------------------------------------------------------------------- summary
 
+def _numel(p: torch.Tensor) -> int:
+    return p.ds_numel if _is_partitioned(p) else p.numel()  # ZeRO-3: the whole parameter's size
+
+
 def parameter_summary(model: nn.Module) -> dict:
     """Trainable and total parameter counts; for SORSA the trainable count is Σ r(in + out + 1)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
 
 

@@ -11,6 +11,7 @@ existing run) < --config FILE.yaml < command-line flags. See README.md for every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--svd-cache-path", help="reuse SVD initialisations saved here")
     g.add_argument("--local", action=B, help="load models and data from local files only")
     g.add_argument("--trust-remote-code", action=B, help="allow a model's own code (off by default)")
+    g = p.add_argument_group("analysis and reporting (after any train/merge/test of this call)")
+    g.add_argument("--analyze", nargs="*", metavar="RUN", help="SVD variation analysis of each run's checkpoints "
+                   "against the base: RUN/analysis.csv and .png (no RUN: the run of --name)")
+    g.add_argument("--report", nargs="*", metavar="RUN", help="a table of runs next to the paper's numbers, and "
+                   "their training curves: OUT/report.md, report.csv, training_curves.png")
+    g.add_argument("--out", metavar="DIR", help="where --report (default RUN_PATH/report) and a side-by-side "
+                   "--analyze of several runs write")
+    g.add_argument("--analysis-top-k", type=int, metavar="K", help="analyse only the top-K singular triplets")
     g = p.add_argument_group("planning (nothing is trained)")
     g.add_argument("--dry-run", action="store_true", help="print the run's plan without loading weights: target "
                    "layers, trainable parameters, memory per GPU (the four 7B models of the paper work offline)")
@@ -102,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(argv: list[str] | None = None):
+def resolve_config(argv: list[str] | None = None, require_action: bool = True):
     """The RunConfig of this call: defaults < saved run config < --config file < flags."""
     from sorsa.config import RunConfig, load_yaml
 
@@ -113,7 +122,7 @@ def resolve_config(argv: list[str] | None = None):
     if unknown:
         raise UserError(f"{config_file}: unknown key(s) {unknown}; known keys: {', '.join(RunConfig.keys())}")
     merged = {**from_file, **cli}
-    if not any(merged.get(a) for a in ACTIONS):
+    if require_action and not any(merged.get(a) for a in ACTIONS):
         raise UserError("nothing to do: give at least one of --train, --merge, --test (or a --config that sets them)")
     # merge/test of an existing run start from the settings it was trained with
     run_path = merged.get("run_path", RunConfig.run_path)
@@ -376,7 +385,7 @@ def train(cfg, run_dir: Path):
     import torch
     from transformers import set_seed
 
-    from sorsa import format_parameter_summary
+    from sorsa import format_parameter_summary, parameter_summary
     from sorsa.baselines import save_initial_pissa
     from sorsa.data import CausalLMCollator, load_train_dataset, tokenize_train_dataset
     from sorsa.trainer import SORSATrainer
@@ -410,6 +419,7 @@ def train(cfg, run_dir: Path):
     model = prepare_model_for_training(cfg, model)
     if cfg.grad_cp and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    trainable = parameter_summary(model)["trainable"]
     if is_main:
         print(f"[run] {cfg.peft} on {cfg.model}: {format_parameter_summary(model)}")
         if cfg.peft == "pissa" and resume_from is None:
@@ -426,7 +436,8 @@ def train(cfg, run_dir: Path):
         history = trainer.state.log_history
         _atomic_write(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         losses = [r["loss"] for r in history if "loss" in r]
-        summary = {"steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+        summary = {"steps": trainer.state.global_step, "trainable_params": trainable,
+                   "first_loss": losses[0] if losses else None,
                    "last_loss": losses[-1] if losses else None, "world_size": trainer.args.world_size,
                    "deepspeed": cfg.deepspeed}
         _atomic_write(run_dir / TRAIN_DONE, json.dumps(summary, indent=2) + "\n")
@@ -530,23 +541,26 @@ def test(cfg, run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        dry, gpus, argv = _split_planning_flags(sys.argv[1:] if argv is None else list(argv))
-        if dry:  # a plan of the training run: --train is implied
+        jobs, argv = _split_job_flags(sys.argv[1:] if argv is None else list(argv))
+        if jobs.dry_run:  # a plan of the training run: --train is implied
             cfg = resolve_config(argv if any(a in argv for a in ("-t", "--train")) else argv + ["--train"])
-            dry_run(cfg, gpus)
+            dry_run(cfg, jobs.gpus)
             return 0
-        cfg = resolve_config(argv)
+        reporting = jobs.analyze is not None or jobs.report is not None
+        cfg = resolve_config(argv, require_action=not reporting)
         if cfg.test and not cfg.name:  # scoring --model directly: a run named after the model
             cfg.name = "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model.strip("/")).strip("._")[-80:]
-        run_dir = run_dir_of(cfg)
+        run_dir = run_dir_of(cfg) if (cfg.train or cfg.merge or cfg.test) else None
         if cfg.train:
             train(cfg, run_dir)
         if int(os.environ.get("RANK", "0")) != 0:
-            return 0  # under a multi-process launcher, merge and test run once, on the main process
+            return 0  # under a multi-process launcher, merge, test and reports run once, on the main process
         if cfg.merge:
             merge(cfg, run_dir)
         if cfg.test:
             test(cfg, run_dir)
+        if reporting:
+            analyze_and_report(cfg, jobs)
     except Exception as err:  # bad input is one readable line; set SORSA_DEBUG=1 for the traceback
         if os.environ.get("SORSA_DEBUG") or not _is_user_error(err):
             raise
@@ -555,18 +569,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _split_planning_flags(argv: list[str]) -> tuple[bool, int, list[str]]:
-    """(--dry-run given, --gpus N, the remaining arguments). The planning flags are not run settings, and
-    the `deepspeed` launcher's --local_rank=N is dropped (LOCAL_RANK in the environment says the same)."""
+def _split_job_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The flags that are jobs rather than run settings (--dry-run, --gpus, --analyze, --report, --out,
+    --analysis-top-k), and the remaining arguments; the `deepspeed` launcher's --local_rank=N is dropped
+    (LOCAL_RANK in the environment says the same)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--gpus", type=int, default=None)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
-    known, rest = parser.parse_known_args(argv)
-    if known.gpus is not None and known.gpus < 1:
-        raise UserError(f"--gpus {known.gpus}: give a number of GPUs >= 1")
-    gpus = known.gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    return known.dry_run, gpus, rest
+    parser.add_argument("--analyze", nargs="*", default=None)
+    parser.add_argument("--report", nargs="*", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--analysis-top-k", type=int, default=None)
+    jobs, rest = parser.parse_known_args(argv)
+    if jobs.gpus is not None and jobs.gpus < 1:
+        raise UserError(f"--gpus {jobs.gpus}: give a number of GPUs >= 1")
+    jobs.gpus = jobs.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    return jobs, rest
+
+
+def _run_dirs(names: list[str], cfg) -> list[Path]:
+    """Run directories from names under --run-path or paths; no names: the run of --name."""
+    if not names:
+        if not cfg.name:
+            raise UserError("--analyze / --report without a RUN need --name (or give run names or directories)")
+        names = [cfg.name]
+    dirs = []
+    for name in names:
+        path = Path(name) if Path(name).is_dir() else run_dir_of(dataclasses.replace(cfg, name=name))
+        if not (path / "config.yaml").is_file():
+            raise UserError(f"{path} is not a run directory (no config.yaml); train it with run.py first")
+        dirs.append(path)
+    return dirs
+
+
+def analyze_and_report(cfg, jobs):
+    """--analyze and --report (sorsa/analysis.py, sorsa/report.py) on the runs named."""
+    if jobs.analyze is not None:
+        from sorsa.analysis import analyze_main
+
+        runs = _run_dirs(jobs.analyze, cfg)
+        out = jobs.out if len(runs) > 1 else None
+        files = analyze_main(runs, out_dir=out, top_k=jobs.analysis_top_k)
+        print("[run] analysis written: " + ", ".join(map(str, files)))
+    if jobs.report is not None:
+        from sorsa.report import report_main
+
+        runs = _run_dirs(jobs.report, cfg)
+        files = report_main(runs, jobs.out or Path(cfg.run_path) / "report")
+        print("[run] report written: " + ", ".join(map(str, files)))
 
 
 def dry_run(cfg, gpus: int = 1):

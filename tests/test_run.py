@@ -124,6 +124,7 @@ def test_train_resume_equals_uninterrupted_and_finished_runs_are_kept(tmp_path, 
     run_a = tmp_path / "runs" / "a"
     done = json.loads((run_a / "train_done.json").read_text())
     assert done["steps"] == 6 and done["first_loss"] > 0
+    assert done["trainable_params"] == 4 * sum(i + o + 1 for i, o in [(128, 128)] * 4 + [(128, 256)] * 3) * 2
     log = [json.loads(line) for line in (run_a / "train_log.jsonl").read_text().splitlines()]
     assert all("ortho_loss" in r for r in log if "loss" in r)
     saved = yaml.safe_load((run_a / "config.yaml").read_text())

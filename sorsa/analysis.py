@@ -1,0 +1,437 @@
+"""SVD variation analysis of fine-tuned weights (arXiv 2409.00055, its singular values and vectors analysis):
+how far training moved each adapted weight's singular values (ΔΣ) and singular vectors (ΔD) away from
+the pre-trained weight's, per checkpoint, for SORSA, LoRA, PiSSA and full fine-tuning runs; CSV and plots.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import functional as SF
+from .config import LLAMA_TARGETS, load_yaml
+from .fileio import atomic_write_text
+
+CSV_NAME = "analysis.csv"
+PNG_NAME = "analysis.png"
+CSV_COLUMNS = ("run", "method", "layer", "step", "delta_sigma", "delta_direction")
+METHOD_LABELS = {"sorsa": "SORSA", "pissa": "PiSSA", "lora": "LoRA", "full": "Full FT"}
+METHOD_ORDER = ("sorsa", "pissa", "lora", "full")  # the paper's figure order
+# RWKV6's adapted layers (run.py's defaults for --rwkv), used when a full-FT RWKV run names no targets.
+RWKV_TARGETS = ["attention.receptance", "attention.key", "attention.value", "attention.gate",
+                "attention.output", "feed_forward.key", "feed_forward.value", "feed_forward.receptance"]
+
+
+# ----------------------------------------------------------------------------- the measure
+
+def svd_factors(weight: torch.Tensor, device: str | torch.device | None = None):
+    """Thin SVD of `weight` (out, in) in float32: U (out, k), S (k,) descending, Vh (k, in), k = min(out, in)."""
+    w = weight.detach().to(device=device or weight.device, dtype=torch.float32)
+    return torch.linalg.svd(w, full_matrices=False)
+
+
+def variation_from_factors(ref: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                           cur: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                           top_k: int | None = None) -> tuple[float, float]:
+    """(ΔΣ, ΔD) between two thin SVDs (U: (out, k), S: (k,), Vh: (k, in)), triplets paired by rank.
+
+    ΔΣ = mean_i |σ_t,i − σ_0,i|;  ΔD = 1 − mean_i (|⟨u_t,i, u_0,i⟩| + |⟨v_t,i, v_0,i⟩|) / 2,
+    over the first `top_k` triplets (all k when None). The absolute values make ΔD blind to the
+    sign an SVD routine picks for a pair (u, v). ΔD is 0 for unchanged directions and at most 1.
+    """
+    U0, S0, Vh0 = ref
+    Ut, St, Vht = cur
+    k = S0.shape[0] if top_k is None else min(int(top_k), S0.shape[0])
+    if k < 1:
+        raise ValueError(f"top_k={top_k!r} selects no singular triplet; use None (all) or an integer >= 1")
+    d_sigma = (St[:k] - S0[:k]).abs().mean()
+    cos_u = (Ut[:, :k] * U0[:, :k]).sum(dim=0).abs()  # (k,) |⟨u_t,i, u_0,i⟩|
+    cos_v = (Vht[:k] * Vh0[:k]).sum(dim=1).abs()  # (k,) |⟨v_t,i, v_0,i⟩|
+    d_dir = 1.0 - ((cos_u + cos_v) / 2).mean()
+    return float(d_sigma), float(d_dir)
+
+
+def svd_variation(W0: torch.Tensor, Wt: torch.Tensor, top_k: int | None = None) -> tuple[float, float]:
+    """(ΔΣ, ΔD) of the weight Wt (out, in) relative to the pre-trained W0 (out, in), both SVD'd in float32.
+
+    All min(out, in) singular triplets count by default; `top_k` restricts the measure to the
+    principal ones (the part SORSA and PiSSA train). Where W0 has (nearly) repeated singular
+    values the pairing by rank is arbitrary inside the cluster, so ΔD there says little.
+    """
+    if W0.shape != Wt.shape or W0.dim() != 2:
+        raise ValueError(f"svd_variation needs two matrices of one shape, got {tuple(W0.shape)} and {tuple(Wt.shape)}")
+    return variation_from_factors(svd_factors(W0), svd_factors(Wt), top_k)
+
+
+# ----------------------------------------------------------------------------- reading weights
+
+class TensorReader:
+    """Lazy, one-tensor-at-a-time access to the weights of a safetensors model directory (single file
+    or sharded with an index), a single safetensors file, or a directory of several safetensors."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_file():
+            files = [path]
+        elif (path / "model.safetensors.index.json").is_file():
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            files = sorted({path / f for f in index["weight_map"].values()})
+        else:
+            files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"{path} holds no safetensors weights; the analysis reads safetensors "
+                                    "checkpoints (save the model with save_pretrained first)")
+        self.path = path
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    self._where[key] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def weight_key(self, module: str) -> str:
+        """The key of `module`'s weight: `module.weight`, or a key ending in it (a prefixed checkpoint)."""
+        key = f"{module}.weight"
+        if key in self._where:
+            return key
+        hits = [k for k in self._where if k.endswith("." + key)]
+        if len(hits) != 1:
+            raise KeyError(f"{self.path} has no weight for layer {module!r} (looked for {key!r}); "
+                           "is this the base model the run was trained from?")
+        return hits[0]
+
+
+def _module_matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+# ----------------------------------------------------------------------------- one run
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give RUN_PATH/NAME of a "
+                                "run trained with run.py --train")
+    return load_yaml(path)
+
+
+def resolve_base_model(config: dict, run_dir: Path) -> Path:
+    """The local directory of the run's base model: a builtin: name (materialised in the cache run.py
+    uses), an existing path, or a hub id already in (or fetched into) the Hugging Face cache."""
+    name = str(config.get("model"))
+    if name.startswith("builtin:"):
+        from .builtin import resolve_builtin
+
+        # run.py's builtin cache is RUN_PATH/.builtin unless cache_path is set; RUN_PATH is the run's parent.
+        cache = Path(config["cache_path"]) if config.get("cache_path") else run_dir.parent / ".builtin"
+        return Path(resolve_builtin(name, cache))
+    for candidate in (Path(name).expanduser(), run_dir.parent.parent / name):
+        if candidate.exists():
+            return candidate
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"],
+                                      cache_dir=config.get("cache_path"), local_files_only=bool(config.get("local"))))
+    except Exception as err:  # noqa: BLE001  (any hub failure becomes one actionable line)
+        raise FileNotFoundError(f"base model {name!r} of {run_dir} is neither a local directory nor reachable on "
+                                f"the Hugging Face Hub ({type(err).__name__}); pass base_model=DIR") from None
+
+
+def list_checkpoints(run_dir: Path, final_dir: str) -> list[tuple[int, Path]]:
+    """(step, directory) of every RUN/checkpoints/checkpoint-N, plus the final RUN/<final_dir> at the
+    run's last step when no checkpoint was written there (train_done.json gives the step)."""
+    found = []
+    ckpt_root = run_dir / "checkpoints"
+    if ckpt_root.is_dir():
+        for d in ckpt_root.glob("checkpoint-*"):
+            if d.is_dir() and d.name.split("-")[-1].isdigit():
+                found.append((int(d.name.split("-")[-1]), d))
+    done = run_dir / "train_done.json"
+    if done.is_file() and (run_dir / final_dir).is_dir():
+        step = json.loads(done.read_text()).get("steps")
+        if isinstance(step, int) and step not in {s for s, _ in found}:
+            found.append((step, run_dir / final_dir))
+    return sorted(found)
+
+
+class _SORSAWeights:
+    """W_t = W_0 − scale·U_0 diag(S_0) Vh_0 + scale·U_p diag(S_p) Vh_p, from a saved SORSA adapter
+    (W_res is re-derived from the float32 W_0, so a bf16 residual's rounding is not counted as training)."""
+
+    def __init__(self, checkpoint: Path):
+        info = json.loads((checkpoint / "adapter_config.json").read_text())
+        cfg = info["config"]
+        self.scale = 1.0 if cfg.get("alpha") is None else float(cfg["alpha"]) / int(cfg["rank"])
+        self.layers = list(info["layers"])
+        self.reader = TensorReader(checkpoint / "adapter_model.safetensors")
+
+    def weight(self, layer: str, W0: torch.Tensor) -> torch.Tensor:
+        t = {f: self.reader.get(f"{layer}.{f}").to(W0.device) for f in ("U_p", "S_p", "Vh_p", "U_0", "S_0", "Vh_0")}
+        return (W0 - SF.adapter_delta(t["U_0"], t["S_0"], t["Vh_0"], self.scale)
+                + SF.adapter_delta(t["U_p"], t["S_p"], t["Vh_p"], self.scale))
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+class _PeftWeights:
+    """W_t = W_0 + s·B A for a LoRA adapter (or PiSSA converted to LoRA), and
+    W_t = W_0 − s·B_0 A_0 + s·B_t A_t for a PiSSA checkpoint, whose base was the residual
+    W_0 − s·B_0 A_0 (B_0, A_0 from RUN/pissa_init). s = lora_alpha / r (/ √r with rsLoRA)."""
+
+    def __init__(self, checkpoint: Path, init_dir: Path | None):
+        self.scale, self.reader = self._open(checkpoint)
+        config = json.loads((checkpoint / "adapter_config.json").read_text())
+        init = config.get("init_lora_weights")
+        self.relative_to_residual = isinstance(init, str) and init.lower().startswith("pissa")
+        self.init = None
+        if self.relative_to_residual:
+            if init_dir is None or not (init_dir / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{checkpoint} is a PiSSA adapter of the residual model; its initial "
+                                        f"adapter (RUN/pissa_init) is needed to rebuild W_t and is missing")
+            self.init = self._open(init_dir)
+        suffix = ".lora_A.weight"
+        self.layers = sorted(k[len(_PEFT_PREFIX):-len(suffix)] for k in self.reader.keys() if k.endswith(suffix))
+
+    @staticmethod
+    def _open(directory: Path) -> tuple[float, TensorReader]:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
+            raise ValueError(f"{directory}: rank/alpha patterns and DoRA are not supported by the analysis")
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+        scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+        return scale, TensorReader(directory / "adapter_model.safetensors")
+
+    @staticmethod
+    def _delta(scale: float, reader: TensorReader, layer: str, device) -> torch.Tensor:
+        A = reader.get(f"{_PEFT_PREFIX}{layer}.lora_A.weight").to(device=device, dtype=torch.float32)  # (r, in)
+        B = reader.get(f"{_PEFT_PREFIX}{layer}.lora_B.weight").to(device=device, dtype=torch.float32)  # (out, r)
+        return scale * (B @ A)  # (out, in)
+
+    def weight(self, layer: str, W0: torch.Tensor) -> torch.Tensor:
+        W = W0 + self._delta(self.scale, self.reader, layer, W0.device)
+        if self.relative_to_residual:
+            W = W - self._delta(*self.init, layer, W0.device)
+        return W
+
+
+class _FullWeights:
+    """W_t read from a full fine-tuning checkpoint (a save_pretrained model directory)."""
+
+    def __init__(self, checkpoint: Path, layers: list[str]):
+        self.reader = TensorReader(checkpoint)
+        self.layers = layers
+
+    def weight(self, layer: str, W0: torch.Tensor) -> torch.Tensor:
+        return self.reader.get(self.reader.weight_key(layer)).to(device=W0.device, dtype=torch.float32)
+
+
+def _full_ft_layers(base: TensorReader, config: dict) -> list[str]:
+    """The layers a full fine-tuning run is analysed on: the 2-D weights of the modules that the adapter
+    methods would adapt (the run's target_modules, else the seven projections), so runs compare like for like."""
+    targets = config.get("target_modules") or (RWKV_TARGETS if config.get("rwkv") else LLAMA_TARGETS)
+    layers = [k[:-len(".weight")] for k in base.keys()
+              if k.endswith(".weight") and len(base.shape(k)) == 2 and _module_matches(k[:-len(".weight")], targets)]
+    if not layers:
+        raise ValueError(f"no weight of {base.path} matches target_modules={targets!r}")
+    return layers
+
+
+def _opener(method: str, run_dir: Path, full_layers: list[str] | None):
+    if method == "sorsa":
+        return _SORSAWeights
+    if method in ("lora", "pissa"):
+        init = run_dir / "pissa_init" if method == "pissa" else None
+        return lambda ckpt: _PeftWeights(ckpt, init)
+    return lambda ckpt: _FullWeights(ckpt, full_layers)
+
+
+def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                base_model: str | os.PathLike | None = None, progress: bool = True, top_k: int | None = None,
+                device: str | None = None, plot: bool = True) -> list[dict]:
+    """The SVD variation analysis of one run: for every adapted weight and every checkpoint,
+    (ΔΣ, ΔD) of the merged W_t against the pre-trained W_0 (`svd_variation`).
+
+    Reads RUN/config.yaml (method, base model, targets) and RUN/checkpoints/checkpoint-N (plus the final
+    adapter or model when no checkpoint holds the last step). One weight at a time: W_0 is read and
+    decomposed once, then each checkpoint's W_t is built and decomposed in float32 (on `device`,
+    default CUDA when available), so the peak memory is a few copies of one weight.
+    Writes OUT/analysis.csv (columns CSV_COLUMNS, ordered by layer then step) and, with `plot`,
+    OUT/analysis.png; OUT defaults to the run directory. Returns the rows.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir)
+    method = config.get("peft", "sorsa")
+    if method not in METHOD_LABELS:
+        raise ValueError(f"{run_dir}/config.yaml: peft={method!r} is not one of {list(METHOD_LABELS)}")
+    base_dir = Path(base_model) if base_model is not None else resolve_base_model(config, run_dir)
+    base = TensorReader(base_dir)
+    checkpoints = list_checkpoints(run_dir, "model" if method == "full" else "adapter")
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir} has no checkpoints (checkpoints/checkpoint-N) and no finished "
+                                "adapter to analyse; train it with --save-steps N first")
+    full_layers = _full_ft_layers(base, config) if method == "full" else None
+    opened = [(step, _opener(method, run_dir, full_layers)(path)) for step, path in checkpoints]
+    layers = opened[0][1].layers
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    rows = []
+    bar = tqdm(total=len(layers) * len(opened), desc=f"SVD analysis {run_dir.name}", unit="svd",
+               disable=not progress)
+    for layer in layers:
+        W0 = base.get(base.weight_key(layer)).to(device=device, dtype=torch.float32)  # (out, in)
+        ref = svd_factors(W0)
+        for step, weights in opened:
+            d_sigma, d_dir = variation_from_factors(ref, svd_factors(weights.weight(layer, W0)), top_k)
+            rows.append({"run": run_dir.name, "method": method, "layer": layer, "step": step,
+                         "delta_sigma": d_sigma, "delta_direction": d_dir})
+            bar.update(1)
+        del W0, ref
+    bar.close()
+
+    out = Path(out_dir) if out_dir is not None else run_dir
+    write_csv(rows, out / CSV_NAME)
+    if plot:
+        plot_analysis([out / CSV_NAME], out / PNG_NAME)
+    return rows
+
+
+# ----------------------------------------------------------------------------- files and plots
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """Write analysis rows to `path` atomically (a crash never leaves half a table)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r[k] for k in CSV_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of an analysis.csv with step as int and the measures as float."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["step"] = int(r["step"])
+        r["delta_sigma"], r["delta_direction"] = float(r["delta_sigma"]), float(r["delta_direction"])
+    return rows
+
+
+def step_means(rows: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, mean ΔΣ, mean ΔD) over the layers, per step, in step order."""
+    acc = defaultdict(list)
+    for r in rows:
+        acc[r["step"]].append((r["delta_sigma"], r["delta_direction"]))
+    return [(s, sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for s, v in sorted(acc.items())]
+
+
+def panel_title(run: str, method: str) -> str:
+    label = METHOD_LABELS.get(method, method)
+    return label if run in ("", label, method) else f"{label} ({run})"
+
+
+def draw_analysis_panel(ax, rows: list[dict], norm, cmap="viridis", title: str | None = None):
+    """One method's panel: a point per layer per step (x = ΔΣ, y = ΔD) coloured by step, and the
+    per-step mean as a line from (0, 0), as in the paper's figure. Returns the scatter (for a colorbar)."""
+    scatter = ax.scatter([r["delta_sigma"] for r in rows], [r["delta_direction"] for r in rows],
+                         c=[r["step"] for r in rows], cmap=cmap, norm=norm, s=10, alpha=0.6, linewidths=0)
+    means = step_means(rows)
+    ax.plot([0.0] + [m[1] for m in means], [0.0] + [m[2] for m in means], "-o", color="crimson", lw=1.5, ms=3,
+            label="mean over layers")
+    ax.set_xlabel("ΔΣ (mean |σ_t − σ_0|)")
+    ax.set_ylabel("ΔD (1 − mean |cos| of u, v)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return scatter
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or one clear error when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the analysis and report plots need matplotlib: pip install matplotlib "
+                                  "(it comes with the project's [dev] extra)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_analysis(csv_paths: list[str | os.PathLike], out_png: str | os.PathLike) -> Path:
+    """Side-by-side panels, one per (run, method) found in the CSVs, on shared axes and one step colour
+    scale, ordered SORSA, PiSSA, LoRA, full FT (then by run name). Writes and returns `out_png`."""
+    plt = pyplot()
+    from matplotlib.colors import Normalize
+
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for path in csv_paths:
+        for r in read_csv(path):
+            groups[(r["run"], r["method"])].append(r)
+    if not groups:
+        raise ValueError(f"no analysis rows in {[str(p) for p in csv_paths]}")
+    order = sorted(groups, key=lambda k: (METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99, k[0]))
+    steps = [r["step"] for rows in groups.values() for r in rows]
+    norm = Normalize(vmin=0, vmax=max(steps))
+    fig, axes = plt.subplots(1, len(order), figsize=(4.2 * len(order) + 1, 3.8), sharex=True, sharey=True,
+                             squeeze=False)
+    scatter = None
+    for ax, key in zip(axes[0], order):
+        scatter = draw_analysis_panel(ax, groups[key], norm, title=panel_title(*key))
+    for ax in axes[0][1:]:
+        ax.set_ylabel("")
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    fig.colorbar(scatter, ax=axes[0].tolist(), label="step", fraction=0.03, pad=0.02)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out_png
+
+
+def analyze_main(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None,
+                 base_model: str | os.PathLike | None = None, top_k: int | None = None,
+                 progress: bool = True) -> list[Path]:
+    """The CLI's analysis job. Each run gets RUN/analysis.csv and RUN/analysis.png; with `out_dir`,
+    OUT/analysis.csv (all runs' rows) and OUT/analysis.png (the runs side by side, shared axes) are
+    written too. Returns the written files."""
+    written: list[Path] = []
+    all_rows: list[dict] = []
+    for run_dir in map(Path, run_dirs):
+        all_rows += analyze_run(run_dir, base_model=base_model, progress=progress, top_k=top_k)
+        written += [run_dir / CSV_NAME, run_dir / PNG_NAME]
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        written.append(write_csv(all_rows, out_dir / CSV_NAME))
+        written.append(plot_analysis([out_dir / CSV_NAME], out_dir / PNG_NAME))
+    return written

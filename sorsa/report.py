@@ -1,0 +1,256 @@
+"""The results table of a set of runs next to the paper's published numbers (sorsa/paper_results.csv),
+and their training curves (loss, gradient norm, orthonormal loss per step) on shared axes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from .config import load_yaml
+from .fileio import atomic_write_text
+
+PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
+BENCHMARKS = (("gsm8k", "gsm-8k", "GSM-8K"), ("math", "math", "MATH"), ("humaneval", "humaneval", "HumanEval"))
+METHOD_NAMES = {"sorsa": "SORSA", "pissa": "PiSSA", "lora": "LoRA", "full": "Full FT"}
+# A run's model id (hub id or local directory, matched on its last path component) -> the paper's model.
+MODEL_PATTERNS = ((r"llama-?2-7b", "Llama 2 7B"), (r"mistral-7b-v0\.1", "Mistral 7B v0.1"),
+                  (r"gemma-7b", "Gemma 7B"), (r"(rwkv|finch).*7b|7b.*(rwkv|finch)", "RWKV6 7B"))
+REPORT_COLUMNS = (["run", "model", "method", "rank", "trainable_params", "paper_model", "paper_trainable_params"]
+                  + [f"{c}{s}" for key, _, _ in BENCHMARKS for c, s in ((key, ""), (key, "_paper"), (key, "_diff"))]
+                  + ["paper_source"])
+
+
+# ----------------------------------------------------------------------------- the paper's table
+
+def parse_params(text: str | None) -> int | None:
+    """'320M' -> 320_000_000, '6.7B' -> 6_700_000_000, '' -> None."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMB]?)\s*", str(text), flags=re.I)
+    if not m:
+        raise ValueError(f"trainable_params {text!r} is not a count like '320M'")
+    return round(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[m.group(2).upper()])
+
+
+def load_paper_results(path: str | os.PathLike = PAPER_RESULTS) -> list[dict]:
+    """Rows of the paper's table: model, method, trainable_params (int or None), gsm8k/math/humaneval
+    (float % or None), source."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["trainable_params"] = parse_params(r["trainable_params"])
+        for key, _, _ in BENCHMARKS:
+            r[key] = float(r[key]) if r[key] else None
+    return rows
+
+
+def paper_model_name(model_id: str, rwkv: bool = False) -> str | None:
+    """The paper's model name for a run's model id, e.g. meta-llama/Llama-2-7b-hf -> 'Llama 2 7B'."""
+    last = Path(str(model_id).rstrip("/")).name.lower()
+    for pattern, name in MODEL_PATTERNS:
+        if re.search(pattern, last) and (name != "RWKV6 7B" or rwkv or "rwkv" in last or "finch" in last):
+            return name
+    return None
+
+
+def find_paper_row(paper: list[dict], model_id: str, method: str, rwkv: bool = False) -> dict | None:
+    """The paper's row for a run's model id and peft method, or None when the paper has no such cell."""
+    name = paper_model_name(model_id, rwkv)
+    label = METHOD_NAMES.get(method, method)
+    return next((r for r in paper if r["model"] == name and r["method"] == label), None)
+
+
+# ----------------------------------------------------------------------------- one run
+
+def _safetensors_numel(path: Path, keep=lambda key: True) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            if keep(key):
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total
+
+
+def count_trainable_params(run_dir: Path, method: str) -> int | None:
+    """Trainable parameters of a run: train_done.json["trainable_params"] when recorded, else counted
+    from its saved tensors (SORSA: U_p, S_p, Vh_p; LoRA: lora_A, lora_B; PiSSA: the rank-r initial
+    adapter, since the saved one is converted to rank 2r; full FT: every tensor of the model)."""
+    done = run_dir / "train_done.json"
+    if done.is_file():
+        recorded = json.loads(done.read_text()).get("trainable_params")
+        if isinstance(recorded, int):
+            return recorded
+    candidates = {
+        "sorsa": [(run_dir / "adapter" / "adapter_model.safetensors", lambda k: k.endswith((".U_p", ".S_p", ".Vh_p")))],
+        "lora": [(run_dir / "adapter" / "adapter_model.safetensors", lambda k: ".lora_" in k)],
+        "pissa": [(run_dir / "pissa_init" / "adapter_model.safetensors", lambda k: ".lora_" in k)],
+        "full": [(p, lambda k: True) for p in sorted((run_dir / "model").glob("*.safetensors"))],
+    }.get(method, [])
+    found = [(p, keep) for p, keep in candidates if p.is_file()]
+    if not found:
+        return None
+    return sum(_safetensors_numel(p, keep) for p, keep in found)
+
+
+def read_accuracy(run_dir: Path, dataset: str) -> float | None:
+    """Accuracy in % from RUN/eval/<dataset>/results.json, or None when the run was not tested on it."""
+    path = run_dir / "eval" / dataset / "results.json"
+    if not path.is_file():
+        return None
+    return 100.0 * float(json.loads(path.read_text())["accuracy"])
+
+
+def run_row(run_dir: str | os.PathLike, paper: list[dict] | None = None) -> dict:
+    """One report row (REPORT_COLUMNS) for a run directory."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_yaml(cfg_path)
+    method = cfg.get("peft", "sorsa")
+    paper_row = find_paper_row(load_paper_results() if paper is None else paper, cfg.get("model", ""), method,
+                               bool(cfg.get("rwkv")))
+    row = {"run": run_dir.name, "model": cfg.get("model"), "method": METHOD_NAMES.get(method, method),
+           "rank": None if method == "full" else cfg.get("rank"),
+           "trainable_params": count_trainable_params(run_dir, method),
+           "paper_model": paper_row["model"] if paper_row else None,
+           "paper_trainable_params": paper_row["trainable_params"] if paper_row else None,
+           "paper_source": paper_row["source"] if paper_row else None}
+    for key, dataset, _ in BENCHMARKS:
+        ours = read_accuracy(run_dir, dataset)
+        theirs = paper_row[key] if paper_row else None
+        row[key], row[f"{key}_paper"] = ours, theirs
+        row[f"{key}_diff"] = None if ours is None or theirs is None else ours - theirs
+    return row
+
+
+# ----------------------------------------------------------------------------- table files
+
+def format_params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    if n >= 1e8:
+        return f"{n / 1e6:.0f}M"
+    if n >= 1e5:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}K"
+
+
+def _num(x: float | None, signed: bool = False) -> str:
+    return "–" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The report table in Markdown: our accuracy, the paper's, and ours − paper, per benchmark."""
+    head = ["Run", "Model", "Method", "Rank", "Trainable params (paper)"]
+    for _, _, label in BENCHMARKS:
+        head += [label, "paper", "Δ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        params = format_params(r["trainable_params"])
+        if r["paper_trainable_params"] is not None:
+            params += f" ({format_params(r['paper_trainable_params'])})"
+        cells = [r["run"], str(r["model"]), r["method"], "–" if r["rank"] is None else str(r["rank"]), params]
+        for key, _, _ in BENCHMARKS:
+            cells += [_num(r[key]), _num(r[f"{key}_paper"]), _num(r[f"{key}_diff"], signed=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    atomic_write_text(path, text)
+    return path
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r[k] for k in REPORT_COLUMNS})
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- training curves
+
+def read_train_log(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-step records of RUN/train_log.jsonl that carry a training loss (HF Trainer log_history)."""
+    path = Path(run_dir) / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r and "step" in r]
+
+
+CURVES = (("loss", "training loss", "linear"), ("grad_norm", "gradient norm (before clipping)", "log"),
+          ("ortho_loss", "orthonormal loss L_o", "log"))
+
+
+def plot_training_curves(run_dirs: list[str | os.PathLike], out_png: str | os.PathLike,
+                         labels: list[str] | None = None) -> Path:
+    """Training loss, gradient norm and orthonormal loss per step, one line per run, shared step axis."""
+    from .analysis import pyplot
+
+    plt = pyplot()
+    logs = [read_train_log(d) for d in run_dirs]
+    labels = labels or [Path(d).name for d in run_dirs]
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8), sharex=True)
+    for ax, (key, title, scale) in zip(axes, CURVES):
+        drawn = False
+        for i, (log, label) in enumerate(zip(logs, labels)):
+            pts = [(r["step"], r[key]) for r in log if r.get(key) is not None]
+            if pts:  # one colour per run in every panel, also where some runs have no such curve
+                ax.plot([s for s, _ in pts], [v for _, v in pts], lw=1.2, color=f"C{i % 10}", label=label)
+                drawn = True
+        if drawn and scale == "log" and all(v > 0 for log in logs for v in (r.get(key) for r in log) if v is not None):
+            ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, f"no run logged {key}", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, names, fontsize=8)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out_png
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def build_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
+                 paper_results: str | os.PathLike = PAPER_RESULTS, plot: bool = True) -> dict:
+    """Write OUT/report.md, OUT/report.csv and (with `plot`) OUT/training_curves.png for `run_dirs`.
+
+    Returns {"rows": [...], "markdown": str, "files": [paths]}. Accuracies are in %, the differences
+    are ours − paper in percentage points; a cell the paper does not have is empty.
+    """
+    if not run_dirs:
+        raise ValueError("build_report needs at least one run directory")
+    paper = load_paper_results(paper_results)
+    rows = [run_row(d, paper) for d in run_dirs]
+    out_dir = Path(out_dir)
+    markdown = ("# Results\n\nAccuracy % (GSM-8K, MATH) and pass@1 % (HumanEval); `paper` is the published "
+                f"number ({Path(paper_results).name}, sources in its `source` column), Δ = ours − paper.\n\n"
+                + markdown_table(rows))
+    files = [_atomic_write(out_dir / "report.md", markdown), _atomic_write(out_dir / "report.csv", csv_text(rows))]
+    if plot:
+        files.append(plot_training_curves(run_dirs, out_dir / "training_curves.png"))
+    return {"rows": rows, "markdown": markdown, "files": files}
+
+
+def report_main(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The CLI's report job; `out_dir` defaults to RUN_PATH/report beside the first run. Returns the files."""
+    if out_dir is None:
+        out_dir = Path(run_dirs[0]).parent / "report"
+    return build_report(run_dirs, out_dir)["files"]

@@ -26,7 +26,11 @@ def svd_top(weight: torch.Tensor, rank: int, method: str = "full", niter: int = 
     # weights in bf16; we always decompose a float32 copy.
     w = weight.detach().to(torch.float32)  # (out, in)
     if method == "full":
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+        if w.shape[0] < w.shape[1]:  # a wide matrix: the SVD of its (tall) transpose is about 2x faster
+            V, S, Uh = torch.linalg.svd(w.T, full_matrices=False)  # Wᵀ = V diag(S) Uᵀ
+            U, Vh = Uh.T, V.T  # (out, k), (k, in)
+        else:
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
         return U[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous()
     devices = [w.device] if w.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

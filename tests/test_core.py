@@ -335,3 +335,16 @@ def test_load_adapter_errors_name_the_problem(tmp_path):
         load_adapter(make_model("llama"), tmp_path / "missing")
     with pytest.raises(ValueError, match="no SORSA adapters"):
         save_adapter(make_model("llama"), tmp_path / "b")
+
+
+def test_full_svd_of_a_wide_weight_equals_torch_linalg_svd():
+    """Wide weights (out < in, e.g. down_proj) are decomposed through their transpose, which is faster."""
+    torch.manual_seed(0)
+    W = torch.randn(48, 160)
+    U, S, Vh = SF.svd_top(W, 12, "full")
+    U2, S2, Vh2 = torch.linalg.svd(W.double(), full_matrices=False)
+    assert U.shape == (48, 12) and Vh.shape == (12, 160)
+    torch.testing.assert_close(S.double(), S2[:12], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(((U * S) @ Vh).double(), (U2[:, :12] * S2[:12]) @ Vh2[:12], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(U.T @ U, torch.eye(12), rtol=0, atol=1e-5)
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(12), rtol=0, atol=1e-5)

@@ -243,20 +243,16 @@ def _dtype(precision: str):
 
 # ----------------------------------------------------------------------------- run records
 
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_run_record(cfg, run_dir: Path):
     """The resolved config (config.yaml), package versions and the git commit (env.json)."""
     import importlib.metadata as md
 
     import yaml
 
+    from sorsa.fileio import atomic_write_text
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     versions = {}
     for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "deepspeed", "sorsa"):
         try:
@@ -269,7 +265,7 @@ def write_run_record(cfg, run_dir: Path):
     except (OSError, subprocess.SubprocessError):
         commit = None
     env = {"versions": versions, "git_commit": commit, "python": sys.version.split()[0], "argv": sys.argv}
-    _atomic_write(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- train
@@ -386,6 +382,7 @@ def train(cfg, run_dir: Path):
     from transformers import set_seed
 
     from sorsa import format_parameter_summary, parameter_summary
+    from sorsa.fileio import atomic_write_text, jsonl_text
     from sorsa.baselines import save_initial_pissa
     from sorsa.data import CausalLMCollator, load_train_dataset, tokenize_train_dataset
     from sorsa.trainer import SORSATrainer
@@ -434,13 +431,13 @@ def train(cfg, run_dir: Path):
         unset_hf_deepspeed_config()
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
-        _atomic_write(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(run_dir / "train_log.jsonl", jsonl_text(history))
         losses = [r["loss"] for r in history if "loss" in r]
         summary = {"steps": trainer.state.global_step, "trainable_params": trainable,
                    "first_loss": losses[0] if losses else None,
                    "last_loss": losses[-1] if losses else None, "world_size": trainer.args.world_size,
                    "deepspeed": cfg.deepspeed}
-        _atomic_write(run_dir / TRAIN_DONE, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run_dir / TRAIN_DONE, json.dumps(summary, indent=2) + "\n")
         print(f"[run] trained {summary['steps']} steps: loss {summary['first_loss']} -> {summary['last_loss']}; "
               f"adapter in {run_dir / ('model' if cfg.peft == 'full' else 'adapter')}")
     return model

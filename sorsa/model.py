@@ -9,16 +9,16 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import functional as SF
 from .config import SORSAConfig, dtype_name
+from .fileio import atomic_save_safetensors, atomic_write_text
 from .layer import SORSALinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -106,26 +106,7 @@ class SVDCache:
     def put(self, key: str, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor):
         tensors = {"U": U.detach().cpu().contiguous(), "S": S.detach().cpu().contiguous(),
                    "Vh": Vh.detach().cpu().contiguous()}
-        _atomic_save(tensors, self._path(key))
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(text: str, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic_save_safetensors(tensors, self._path(key))
 
 
 # ----------------------------------------------------------------------------- apply
@@ -287,10 +268,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
                                  "gathered_parameters(...) or pass the gathered tensors as `factors`")
             tensors[f"{name}.{f}"] = value.detach().cpu().contiguous()
     path = Path(path)
-    _atomic_save(tensors, path / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
+    atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
     info = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "config": config.to_dict(),
             "layers": [name for name, _ in layers], **(metadata or {})}
-    _atomic_write_text(json.dumps(info, indent=2) + "\n", path / ADAPTER_CONFIG)
+    atomic_write_text(path / ADAPTER_CONFIG, json.dumps(info, indent=2) + "\n")
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[SORSAConfig, dict]:
@@ -357,7 +338,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
                              base_model_name_or_path=base_model_name_or_path)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_save(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    atomic_save_safetensors(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
     lora_config.save_pretrained(str(path))
 
 

@@ -164,11 +164,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    atomic_write_text(path, text)
-    return path
-
-
 def csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
@@ -243,7 +238,9 @@ def build_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
     markdown = ("# Results\n\nAccuracy % (GSM-8K, MATH) and pass@1 % (HumanEval); `paper` is the published "
                 f"number ({Path(paper_results).name}, sources in its `source` column), Δ = ours − paper.\n\n"
                 + markdown_table(rows))
-    files = [_atomic_write(out_dir / "report.md", markdown), _atomic_write(out_dir / "report.csv", csv_text(rows))]
+    atomic_write_text(out_dir / "report.md", markdown)
+    atomic_write_text(out_dir / "report.csv", csv_text(rows))
+    files = [out_dir / "report.md", out_dir / "report.csv"]
     if plot:
         files.append(plot_training_curves(run_dirs, out_dir / "training_curves.png"))
     return {"rows": rows, "markdown": markdown, "files": files}

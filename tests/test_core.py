@@ -9,9 +9,8 @@ from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCa
                           MistralForCausalLM)
 
 import sorsa.functional as SF
-from sorsa import (SORSAConfig, SORSALinear, apply_sorsa, export_lora, load_adapter, merge_and_unload,
+from sorsa import (SORSAConfig, apply_sorsa, export_lora, load_adapter, merge_and_unload,
                    orthonormal_loss, parameter_summary, save_adapter, sorsa_layers)
-from sorsa.model import SVDCache
 
 RANK = 8
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

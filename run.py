@@ -123,7 +123,8 @@ def resolve_config(argv: list[str] | None = None, require_action: bool = True):
         raise UserError(f"{config_file}: unknown key(s) {unknown}; known keys: {', '.join(RunConfig.keys())}")
     merged = {**from_file, **cli}
     if require_action and not any(merged.get(a) for a in ACTIONS):
-        raise UserError("nothing to do: give at least one of --train, --merge, --test (or a --config that sets them)")
+        raise UserError("nothing to do: give at least one of --train, --merge, --test, --analyze, --report, "
+                        "--dry-run (or a --config that sets them)")
     # merge/test of an existing run start from the settings it was trained with
     run_path = merged.get("run_path", RunConfig.run_path)
     if merged.get("name") and not merged.get("train"):
@@ -432,7 +433,8 @@ def train(cfg, run_dir: Path):
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
         atomic_write_text(run_dir / "train_log.jsonl", jsonl_text(history))
-        losses = [r["loss"] for r in history if "loss" in r]
+        # per-step losses as logged; a run shorter than --logging-steps has only the Trainer's mean
+        losses = [r["loss"] for r in history if "loss" in r] or [r["train_loss"] for r in history if "train_loss" in r]
         summary = {"steps": trainer.state.global_step, "trainable_params": trainable,
                    "first_loss": losses[0] if losses else None,
                    "last_loss": losses[-1] if losses else None, "world_size": trainer.args.world_size,

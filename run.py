@@ -338,6 +338,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _check_report_to(report_to: str):
+    """--report-to none (default), tensorboard or wandb (also comma-separated), when installed."""
+    import importlib.util
+
+    for name in filter(None, (n.strip() for n in report_to.split(","))):
+        if name not in ("none", "all") and importlib.util.find_spec(name) is None:
+            raise UserError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
+
+
 def build_training_arguments(cfg, run_dir: Path, configured_state: bool = False):
     """The Trainer's arguments. With --deepspeed they also install DeepSpeed's config process-wide, which
     under ZeRO-3 makes a later `from_pretrained` load every weight already partitioned: build them
@@ -345,6 +354,8 @@ def build_training_arguments(cfg, run_dir: Path, configured_state: bool = False)
     import torch
 
     from sorsa.trainer import SORSATrainingArguments
+
+    _check_report_to(cfg.report_to)
 
     on_gpu = torch.cuda.is_available()
     return SORSATrainingArguments(

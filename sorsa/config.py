@@ -212,6 +212,8 @@ class RunConfig:
               f"test_precision={self.test_precision!r} is unknown; use bf16, fp16 or fp32")
         check(self.backend in ("auto", "hf", "vllm"), f"backend={self.backend!r} is unknown; use auto, hf or vllm")
         check(self.limit is None or self.limit >= 1, f"limit={self.limit!r} must be >= 1")
+        bad = [n for n in str(self.report_to).split(",") if n.strip() not in ("none", "all", "tensorboard", "wandb")]
+        check(not bad, f"report_to {bad} is not supported here; use none, tensorboard or wandb (comma-separated)")
 
     @property
     def precision(self) -> str:

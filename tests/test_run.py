@@ -90,6 +90,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, builtin_model_dir):
         (["--config", str(tmp_path / "bad.yaml"), "--name", "x", "--train"], "unknown key(s) ['rnak']"),
         (["--name", "../x", "--train"], "must stay inside"),
         (["--name", "x"], "nothing to do"),
+        (["--name", "x", "--train", "--report-to", "comet"], "not supported here"),
     ]
     for argv, message in cases:
         code, err = call(argv + rp, capsys)

@@ -113,7 +113,7 @@ def _kill_group(pgid: int) -> None:
 def _kill_tagged(sandbox_id: str) -> int:
     """SIGKILL every process whose environment carries this sandbox's id (ones that left the process
     group with setsid); the fallback when there is no PID namespace. Returns how many were found."""
-    tag, found = f"SORSA_SANDBOX_ID={sandbox_id}".encode(), 0
+    tag, killed = f"SORSA_SANDBOX_ID={sandbox_id}".encode(), []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
@@ -121,10 +121,24 @@ def _kill_tagged(sandbox_id: str) -> int:
                     if tag not in f.read():
                         continue
                 os.kill(int(entry.name), signal.SIGKILL)
-                found += 1
+                killed.append(int(entry.name))
             except OSError:
                 continue
-    return found
+    # SIGKILL is delivered asynchronously: wait (briefly) until each one is gone or a zombie, so that
+    # "no survivor" holds when this returns.
+    deadline = time.monotonic() + 2.0
+    for pid in killed:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.01)
+    return len(killed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # the state field follows the name
+    except (OSError, IndexError):
+        return False
 
 
 def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sorsa.fileio import parse_json_lines
+
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -31,15 +33,7 @@ def read_rows(path: str | Path) -> list[dict]:
                                 f".parquet file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}); fix or remove that line") from None
+        rows = [row for _, row in parse_json_lines(path.read_text(encoding="utf-8"), str(path))]
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

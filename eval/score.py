@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from sorsa.fileio import parse_json_lines
+
 from .benchmarks import BENCHMARKS, get_benchmark
 from .runner import jsonl_text, write_text_atomic
 
@@ -29,19 +31,11 @@ def read_requests(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"generations file {str(path)!r} does not exist")
     requests = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}); each line must be "
-                                 f'{{"id": ..., "completion": "..."}}') from None
-            if not isinstance(item, dict) or "id" not in item or not isinstance(item.get("completion"), str):
-                raise ValueError(f'{path}:{line_no} needs an "id" and a string "completion"; got '
-                                 f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
-            requests.append({"line": line_no, **item})
+    for line_no, item in parse_json_lines(path.read_text(encoding="utf-8"), str(path)):
+        if not isinstance(item, dict) or "id" not in item or not isinstance(item.get("completion"), str):
+            raise ValueError(f'{path}: line {line_no} needs an "id" and a string "completion"; got '
+                             f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
+        requests.append({"line": line_no, **item})
     if not requests:
         raise ValueError(f"{path} holds no generations")
     return requests

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fileio import parse_json_lines
+
 ALPACA_PREFIX = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
@@ -122,14 +124,10 @@ def _read_json_rows(path: Path) -> list[tuple[str, dict]]:
     elif whole is not None:
         rows = [("line 1", whole)]
     else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline, a separator) carry no row
-            try:
-                rows.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
+        try:
+            rows = [(f"line {n}", row) for n, row in parse_json_lines(text, str(path))]
+        except ValueError as err:
+            raise DataError(str(err)) from None
     for where, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}: {where} is not a JSON object")

@@ -44,3 +44,17 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def parse_json_lines(text: str, source: str) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of JSON-lines `text`; a broken line raises one
+    ValueError naming `source` and the line (blank lines still count, as an editor shows them)."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: line {lineno} is not valid JSON ({err.msg})") from None
+    return rows

@@ -1,4 +1,5 @@
-"""Atomic file writes shared by the library, the CLI and the benchmarks: a reader never sees half a file."""
+"""File helpers shared by the library, the CLI and the benchmarks: atomic writes (a reader never sees half a
+file), JSON lines, and the weight files of a (sharded) checkpoint directory."""
 from __future__ import annotations
 
 import json
@@ -58,3 +59,14 @@ def parse_json_lines(text: str, source: str) -> list[tuple[int, object]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{source}: line {lineno} is not valid JSON ({err.msg})") from None
     return rows
+
+
+def checkpoint_files(directory: str | os.PathLike, weights_name: str = "model.safetensors") -> list[Path]:
+    """The weight files of a Hugging Face checkpoint directory: the shards that `<weights_name>.index.json`
+    lists, else the single `<weights_name>`; [] when there is neither."""
+    directory = Path(directory)
+    index = directory / f"{weights_name}.index.json"
+    if index.is_file():
+        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = directory / weights_name
+    return [single] if single.is_file() else []

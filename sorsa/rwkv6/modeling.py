@@ -1,47 +1,10 @@
-"""RWKV6 "Finch" (Peng et al. 2024, arXiv 2404.05892) as a transformers causal LM in pure PyTorch: a chunked
-parallel WKV for training, a recurrent state for O(1)-per-token greedy decoding, conversion to and from the
-official `.pth` and the Hugging Face "-HF" checkpoint layouts, and the RWKV world tokenizer.
-
-Checkpoint layouts. This module's state dict *is* the Hugging Face "-HF" layout (what `save_pretrained`
-writes, what `from_hf_rwkv6` reads); the official `.pth` layout (`from_rwkv_checkpoint`,
-`save_rwkv_checkpoint`, read by the `rwkv` package) differs only in the names. C = hidden size, A = attention
-size (= C in every released model), H = A / N heads of size N, F = intermediate size, V = vocabulary,
-Dm / Dd = the ranks of the token-shift / decay low-rank maps (32 / 64; 64 / 128 for the 7B):
-
-    official .pth key                  this module / "-HF" key                          shape
-    ---------------------------------  -----------------------------------------------  -----------
-    emb.weight                         rwkv.embeddings.weight                           V × C
-    blocks.0.ln0.{weight,bias}         rwkv.blocks.0.pre_ln.{weight,bias}               C
-    blocks.N.ln1.*, blocks.N.ln2.*     rwkv.blocks.N.ln1.*, rwkv.blocks.N.ln2.*         C
-    blocks.N.att.time_maa_{x,w,k,v,r,g}  rwkv.blocks.N.attention.time_maa_{x,w,k,v,r,g}  1 × 1 × C
-    blocks.N.att.time_maa_w1           rwkv.blocks.N.attention.time_maa_w1              C × 5·Dm
-    blocks.N.att.time_maa_w2           rwkv.blocks.N.attention.time_maa_w2              5 × Dm × C
-    blocks.N.att.time_decay            rwkv.blocks.N.attention.time_decay               1 × 1 × A
-    blocks.N.att.time_decay_w1         rwkv.blocks.N.attention.time_decay_w1            C × Dd
-    blocks.N.att.time_decay_w2         rwkv.blocks.N.attention.time_decay_w2            Dd × A
-    blocks.N.att.time_faaaa            rwkv.blocks.N.attention.time_faaaa               H × N
-    blocks.N.att.{receptance,key,value,gate}.weight  rwkv.blocks.N.attention.<same>     A × C
-    blocks.N.att.output.weight         rwkv.blocks.N.attention.output.weight            C × A
-    blocks.N.att.ln_x.{weight,bias}    rwkv.blocks.N.attention.ln_x.{weight,bias}       A
-    blocks.N.ffn.time_maa_{k,r}        rwkv.blocks.N.feed_forward.time_maa_{k,r}        1 × 1 × C
-    blocks.N.ffn.key.weight            rwkv.blocks.N.feed_forward.key.weight            F × C
-    blocks.N.ffn.receptance.weight     rwkv.blocks.N.feed_forward.receptance.weight     C × C
-    blocks.N.ffn.value.weight          rwkv.blocks.N.feed_forward.value.weight          C × F
-    ln_out.{weight,bias}               rwkv.ln_out.{weight,bias}                        C
-    head.weight                        head.weight                                      V × C
-
-Both layouts store `time_decay` raw (the decay is w = exp(-exp(time_decay + lora))) and `time_faaaa` (the
-bonus u) as is: the `rwkv` package reads x060 checkpoints without transforming either (it only squeezes and
-reshapes them), and so do we. Linear weights are (out, in) in both; the `rwkv` package transposes on load.
-"""
+"""The RWKV6 (Finch) model as a transformers causal LM: token shift, time mixing with the WKV, channel mixing,
+a recurrent state for O(1)-per-token greedy decoding, and loading / saving in both checkpoint layouts
+(the layouts themselves are in `convert.py`)."""
 from __future__ import annotations
 
-import ast
-import functools
-import importlib.util
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,158 +12,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .configuration import RWKV6Config
+from .convert import config_from_state_dict, hf_to_official_state_dict, load_hf_weights, official_to_hf_state_dict
+from .wkv import wkv6_chunked, wkv6_recurrent
+
 # A recurrent state: one (att_shift (B, C), wkv (B, H, N, N) float32, ffn_shift (B, C)) per layer.
 RWKV6State = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-
-# ============================================================================ config
-
-@strict(accept_kwargs=True)
-class RWKV6Config(PreTrainedConfig):
-    r"""Hyper-parameters of an RWKV6 (Finch) model; the loaders infer them from a checkpoint's shapes.
-
-    attention_hidden_size: A (None → hidden_size). head_size: N (64 in every released model).
-    intermediate_size: F (None → int(3.5 · C) rounded down to a multiple of 32, as RWKV-LM does).
-    time_mix_extra_dim / time_decay_extra_dim: Dm / Dd (None → 32 / 64, or 64 / 128 for C = 4096 as in
-    RWKV-LM's x060 model). head_size_divisor: the group norm `ln_x` uses eps = 1e-5 · divisor² (RWKV-LM).
-    wkv_chunk_size: chunk length of the parallel WKV (a speed / memory knob; the result does not depend on it).
-    """
-
-    model_type = "rwkv6"
-    keys_to_ignore_at_inference = ["state"]
-
-    vocab_size: int = 65536
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    attention_hidden_size: int | None = None
-    head_size: int = 64
-    head_size_divisor: int = 8
-    intermediate_size: int | None = None
-    time_mix_extra_dim: int | None = None
-    time_decay_extra_dim: int | None = None
-    layer_norm_epsilon: float = 1e-5
-    wkv_chunk_size: int = 16
-    bos_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 0
-    pad_token_id: int | None = 0
-    tie_word_embeddings: bool = False
-    use_cache: bool = False
-
-    def __post_init__(self, **kwargs):
-        if self.attention_hidden_size is None:
-            self.attention_hidden_size = self.hidden_size
-        if self.intermediate_size is None:
-            self.intermediate_size = int(self.hidden_size * 3.5) // 32 * 32
-        big = self.hidden_size == 4096
-        if self.time_mix_extra_dim is None:
-            self.time_mix_extra_dim = 64 if big else 32
-        if self.time_decay_extra_dim is None:
-            self.time_decay_extra_dim = 128 if big else 64
-        if self.attention_hidden_size % self.head_size:
-            raise ValueError(f"attention_hidden_size={self.attention_hidden_size} is not a multiple of "
-                             f"head_size={self.head_size}; pick a head size that divides it")
-        if self.wkv_chunk_size < 1:
-            raise ValueError(f"wkv_chunk_size={self.wkv_chunk_size} must be >= 1 (16 is a good default)")
-        super().__post_init__(**kwargs)
-
-    @property
-    def num_heads(self) -> int:
-        return self.attention_hidden_size // self.head_size
-
-
-# ============================================================================ WKV kernels
-
-def _float32_region(fn):
-    """Run a WKV kernel with autocast off: under mixed precision its matmuls would otherwise run in bf16/fp16,
-    and the decay products and the state need float32."""
-    @functools.wraps(fn)
-    def wrapper(r, *args, **kwargs):
-        with torch.autocast(device_type=r.device.type, enabled=False):
-            return fn(r, *args, **kwargs)
-    return wrapper
-
-
-@_float32_region
-def wkv6_recurrent(r, k, v, log_w, u, state=None):
-    """The Finch WKV recurrence, one token at a time (the reference, and the generation path).
-
-    r, k, v, log_w: (B, T, H, N), log_w = -exp(d) = log of the decay w; u: (H, N); state: (B, H, N, N) or None.
-    Returns out (B, T, H, N) and the new state (B, H, N, N), both float32 (float64 if r is float64).
-    Per head (arXiv 2404.05892, Finch time mixing, recurrent form), with S the N_k × N_v state:
-        out_t = r_t (S_{t-1} + diag(u) k_tᵀ v_t),   S_t = diag(w_t) S_{t-1} + k_tᵀ v_t.
-    """
-    dt = torch.float64 if r.dtype == torch.float64 else torch.float32
-    B, T, H, N = r.shape
-    r, k, v, log_w = (x.to(dt) for x in (r, k, v, log_w))
-    S = r.new_zeros(B, H, N, N) if state is None else state.to(dt)
-    u = u.to(dt)[:, :, None]  # (H, N, 1): the bonus scales rows (the key index) of k_tᵀ v_t
-    outs = []
-    for t in range(T):
-        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, H, N, N) = k_tᵀ v_t
-        outs.append(torch.einsum("bhi,bhij->bhj", r[:, t], S + u * kv))  # (B, H, N)
-        S = torch.exp(log_w[:, t])[..., None] * S + kv
-    return torch.stack(outs, 1), S
-
-
-@_float32_region
-def wkv6_chunked(r, k, v, log_w, u, state=None, chunk_size: int = 16):
-    """The same WKV as `wkv6_recurrent`, computed chunk-parallel (for training: matmuls instead of a T-step loop).
-
-    r, k, v, log_w: (B, T, H, N); u: (H, N); state: (B, H, N, N) or None → out (B, T, H, N), state (B, H, N, N),
-    float32 (float64 if r is float64). Unrolling the recurrence, for t in a chunk that starts with state S:
-        out_t = Σ_{s<t in chunk} (Σ_i r_ti k_si Π_{s<j<t} w_ji) v_s + (r_t·(u ⊙ k_t)) v_t + (r_t ⊙ Π_{j<t} w_j) S
-        S'    = diag(Π_{j in chunk} w_j) S + Σ_s (k_s ⊙ Π_{j>s} w_j)ᵀ v_s
-    Every decay product is exp of a sum of log-decays over a *range that the product really spans*, so all
-    exponents are ≤ 0 (no overflow however strong the decay), and no product is formed as the ratio of two
-    cumulative products (exp(A_t - A_s) with A a running sum loses all precision once |A| is large, e.g. after
-    one strongly decayed token); the intra-chunk ranges are summed exactly by a 0/1 matmul.
-    """
-    dt = torch.float64 if r.dtype == torch.float64 else torch.float32
-    B, T, H, N = r.shape
-    L = int(chunk_size)
-    r, k, v, log_w = (x.to(dt).transpose(1, 2) for x in (r, k, v, log_w))  # (B, H, T, N)
-    pad = (-T) % L
-    if pad:  # zero tail: k = v = 0 adds nothing, log_w = 0 (w = 1) decays nothing, so the state is unchanged
-        r, k, v, log_w = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, log_w))
-    nc = (T + pad) // L
-    r, k, v, log_w = (x.reshape(B, H, nc, L, N) for x in (r, k, v, log_w))  # (B, H, nc, L, N)
-
-    # Decay from the chunk start to just before t, and from just after s to the chunk end: prefix / suffix sums
-    # of same-signed terms (each computed directly, never as a difference of two running sums).
-    before = F.pad(log_w.cumsum(-2)[..., :-1, :], (0, 0, 1, 0))  # (B, H, nc, L, N): Σ_{j<t} log w_j
-    after = F.pad(log_w.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{j>s} log w_j
-    whole = log_w.sum(-2)  # (B, H, nc, N)
-
-    # Intra-chunk: between[t, s] = Σ_{s<j<t} log w_j, an exact sum through the 0/1 mask M[t, s, j] = [s < j < t].
-    idx = torch.arange(L, device=r.device)
-    M = ((idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < idx[:, None, None])).to(dt)
-    between = (M.reshape(L * L, L) @ log_w).reshape(B, H, nc, L, L, N)  # (B, H, nc, L_t, L_s, N)
-    causal = (idx[None, :] < idx[:, None])[..., None]  # (L_t, L_s, 1): strictly earlier sources only
-    decay = torch.exp(between).masked_fill(~causal, 0.0)  # exponents ≤ 0: values in [0, 1]
-    scores = torch.einsum("bhcti,bhcsi,bhctsi->bhcts", r, k, decay)  # (B, H, nc, L, L)
-    bonus = (r * u.to(dt)[None, :, None, None, :] * k).sum(-1, keepdim=True)  # (B, H, nc, L, 1): r_t·(u ⊙ k_t)
-    out = scores @ v + bonus * v  # (B, H, nc, L, N)
-
-    # Inter-chunk: each chunk's own contribution to the state, then a short scan over chunks carrying it.
-    delta = (k * torch.exp(after)).transpose(-1, -2) @ v  # (B, H, nc, N, N)
-    carry = torch.exp(whole)[..., None]  # (B, H, nc, N, 1)
-    S = r.new_zeros(B, H, N, N) if state is None else state.to(dt)
-    starts = []
-    for c in range(nc):
-        starts.append(S)
-        S = carry[:, :, c] * S + delta[:, :, c]
-    out = out + (r * torch.exp(before)) @ torch.stack(starts, 2)  # (B, H, nc, L, N)
-    out = out.reshape(B, H, nc * L, N)[:, :, :T].transpose(1, 2)  # (B, T, H, N)
-    return out, S
-
-
-# ============================================================================ layers
 
 def _token_shift(x, shift_state, mask):
     """The previous token's x for every position, and the shift state after the last valid position.
@@ -620,7 +443,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         The config comes from the tensor shapes; config.json, when present, supplies layer_norm_epsilon and
         head_size_divisor and must agree with the shapes."""
         directory = Path(directory)
-        sd = _load_hf_weights(directory)
+        sd = load_hf_weights(directory)
         config = config_from_state_dict(sd)
         cfg_file = directory / "config.json"
         if cfg_file.is_file():
@@ -644,240 +467,11 @@ def _as_prompt_lists(input_ids, attention_mask) -> list[list[int]]:
     return [[int(t) for t in p] for p in input_ids]
 
 
-# ============================================================================ layout conversion
-
-def _official_to_hf_key(key: str) -> str:
-    if key == "head.weight":
-        return key
-    key = re.sub(r"^emb\.", "embeddings.", key)
-    key = re.sub(r"^blocks\.0\.ln0\.", "blocks.0.pre_ln.", key)
-    key = re.sub(r"^blocks\.(\d+)\.att\.", r"blocks.\1.attention.", key)
-    key = re.sub(r"^blocks\.(\d+)\.ffn\.", r"blocks.\1.feed_forward.", key)
-    return "rwkv." + key
-
-
-def _hf_to_official_key(key: str) -> str:
-    if key == "head.weight":
-        return key
-    key = key.removeprefix("rwkv.")
-    key = re.sub(r"^embeddings\.", "emb.", key)
-    key = re.sub(r"^blocks\.0\.pre_ln\.", "blocks.0.ln0.", key)
-    key = re.sub(r"^blocks\.(\d+)\.attention\.", r"blocks.\1.att.", key)
-    key = re.sub(r"^blocks\.(\d+)\.feed_forward\.", r"blocks.\1.ffn.", key)
-    return key
-
-
-def official_to_hf_state_dict(sd: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Rename an official RWKV6 `.pth` state dict to this module's (= the "-HF") layout, checking that it is one."""
-    if not isinstance(sd, dict) or "emb.weight" not in sd:
-        raise ValueError(f"{source} is not an official RWKV checkpoint (no 'emb.weight'); "
-                         "for a Hugging Face directory use RWKV6ForCausalLM.from_hf_rwkv6")
-    if "_strategy" in sd:
-        raise ValueError(f"{source} was converted by the rwkv package (strategy {sd['_strategy']!r}); "
-                         "load the original .pth instead")
-    if "blocks.0.att.time_maa_x" not in sd:
-        version = "v7" if "blocks.0.att.r_k" in sd else "v4/v5" if "blocks.0.att.time_mix_k" in sd else "unknown"
-        raise ValueError(f"{source} is an RWKV {version} checkpoint, not RWKV6 (x060: blocks.N.att.time_maa_x); "
-                         "only RWKV6 Finch models are supported")
-    if any(k.endswith(".time_state") for k in sd):
-        raise ValueError(f"{source} carries a tuned initial state (time_state), which is not supported; "
-                         "use the base model's .pth")
-    return {_official_to_hf_key(k): v for k, v in sd.items()}
-
-
-def hf_to_official_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a state dict of this module's layout to the official `.pth` layout."""
-    return {_hf_to_official_key(k): v for k, v in sd.items()}
-
 
 def _expected_hf_keys(config: RWKV6Config) -> set[str]:
     with torch.device("meta"):
         return set(RWKV6ForCausalLM(config).state_dict())
 
-
-def config_from_state_dict(sd: dict[str, torch.Tensor]) -> RWKV6Config:
-    """An RWKV6Config read off the tensor shapes of a state dict in this module's (= "-HF") layout."""
-    try:
-        V, C = sd["rwkv.embeddings.weight"].shape
-        att = "rwkv.blocks.0.attention."
-        H, N = sd[att + "time_faaaa"].shape
-        return RWKV6Config(
-            vocab_size=V, hidden_size=C,
-            num_hidden_layers=1 + max(int(m.group(1)) for k in sd if (m := re.match(r"rwkv\.blocks\.(\d+)\.", k))),
-            attention_hidden_size=sd[att + "key.weight"].shape[0], head_size=N,
-            intermediate_size=sd["rwkv.blocks.0.feed_forward.key.weight"].shape[0],
-            time_mix_extra_dim=sd[att + "time_maa_w2"].shape[-2],
-            time_decay_extra_dim=sd[att + "time_decay_w1"].shape[-1])
-    except KeyError as e:
-        raise ValueError(f"not an RWKV6 state dict: missing {e.args[0]!r}") from None
-
-
-def _load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{str(directory)!r} is not a directory; pass a local RWKV6 -HF model directory")
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _torch_load_safe)):
-        index = directory / index_name
-        if index.is_file():
-            sd = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                sd.update(loader(str(directory / shard)))
-            return sd
-    if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").is_file():
-        return _torch_load_safe(str(directory / "pytorch_model.bin"))
-    raise FileNotFoundError(f"{str(directory)!r} has no model.safetensors or pytorch_model.bin (nor a sharded index)")
-
-
-def _torch_load_safe(path: str) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not loadable with weights_only=True ({type(e).__name__}); "
-                         "it holds more than tensors, so it is not read") from None
-
-
-# ============================================================================ tokenizer
-
-VOCAB_FILE = "rwkv_vocab_v20230424.txt"
-
-
-def _default_vocab_file() -> Path:
-    spec = importlib.util.find_spec("rwkv")  # locate the package's data file without importing rwkv.model
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the RWKV world vocabulary ({VOCAB_FILE}) ships with the `rwkv` package: "
-                                "pip install rwkv, or pass vocab_file=")
-    return Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILE
-
-
-@functools.lru_cache(maxsize=4)
-def _read_vocab(path: str) -> tuple[dict[int, bytes], dict]:
-    """id → bytes, and a byte trie (nested dicts; key 256 holds the id of the token ending there)."""
-    id_to_bytes: dict[int, bytes] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            first, last = line.index(" "), line.rindex(" ")
-            # Each line is `id <python str or bytes literal> <byte length>`; literal_eval, never eval.
-            tok = ast.literal_eval(line[first + 1:last])
-            tok = tok.encode("utf-8") if isinstance(tok, str) else tok
-            if not isinstance(tok, bytes) or len(tok) != int(line[last + 1:]):
-                raise ValueError(f"{path}:{n}: malformed vocabulary line {line[:60]!r}")
-            id_to_bytes[int(line[:first])] = tok
-    trie: dict = {}
-    for i, tok in id_to_bytes.items():
-        node = trie
-        for b in tok:
-            node = node.setdefault(b, {})
-        node[256] = i
-    return id_to_bytes, trie
-
-
-class RWKVWorldTokenizer:
-    """The RWKV "world" tokenizer: greedy longest match over the byte vocabulary shipped with the `rwkv` package
-    (ids 1..65529); id 0 is end-of-text and padding and has no text.
-
-    encode(str) → list[int]; decode(ids) → str; batch_decode; __call__(texts, padding=, return_tensors="pt")
-    → BatchEncoding(input_ids, attention_mask) padded with id 0 on `padding_side`.
-    """
-
-    eos_token_id = 0
-    pad_token_id = 0
-    bos_token_id = 0
-    # Id 0 has no text: templates that format "{eos}" into a string get nothing, so code that trains on
-    # text must append eos_token_id to the ids itself.
-    eos_token = ""
-    bos_token = ""
-    pad_token = ""
-    vocab_size = 65536
-
-    def __init__(self, vocab_file: str | os.PathLike | None = None, padding_side: str = "right"):
-        self.vocab_file = str(vocab_file or _default_vocab_file())
-        if not os.path.isfile(self.vocab_file):
-            raise FileNotFoundError(f"RWKV vocabulary {self.vocab_file!r} does not exist")
-        self.id_to_bytes, self._trie = _read_vocab(self.vocab_file)
-        self.padding_side = padding_side
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text` (no BOS/EOS: RWKV world models use none at the start of a prompt)."""
-        data, root = text.encode("utf-8"), self._trie
-        ids, i, n = [], 0, len(data)
-        while i < n:
-            node, j, best, best_end = root, i, -1, i
-            while j < n:
-                node = node.get(data[j])
-                if node is None:
-                    break
-                j += 1
-                if 256 in node:
-                    best, best_end = node[256], j
-            if best < 0:  # every single byte is in the vocabulary, so this only happens with a broken file
-                raise ValueError(f"byte {data[i]} at offset {i} has no token in {self.vocab_file}")
-            ids.append(best)
-            i = best_end
-        return ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of token ids (ids without text, such as 0, give nothing; bad UTF-8 becomes U+FFFD)."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
-        if isinstance(sequences, torch.Tensor):
-            sequences = sequences.tolist()
-        return [self.decode(s, skip_special_tokens) for s in sequences]
-
-    def __call__(self, texts: str | Sequence[str], padding: bool | str = False, truncation: bool = False,
-                 max_length: int | None = None, return_tensors: str | None = None,
-                 padding_side: str | None = None, add_special_tokens: bool = False, **kwargs):
-        """Tokenize a text or a batch. padding: False, True / "longest", or "max_length"; truncation keeps the
-        first max_length ids. Returns a transformers BatchEncoding with input_ids and attention_mask
-        (tensors (B, T) with return_tensors="pt", which needs equal lengths, i.e. padding)."""
-        from transformers import BatchEncoding
-
-        single = isinstance(texts, str)
-        batch = [self.encode(t) for t in ([texts] if single else texts)]
-        if truncation and max_length is not None:
-            batch = [ids[:max_length] for ids in batch]
-        side = padding_side or self.padding_side
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side={side!r}; use 'left' (generation) or 'right' (training)")
-        if padding in (True, "longest", "max_length"):
-            width = max_length if padding == "max_length" and max_length else max((len(b) for b in batch), default=0)
-            masks = [[1] * len(b) + [0] * (width - len(b)) for b in batch]
-            padded = [b + [self.pad_token_id] * (width - len(b)) for b in batch]
-            if side == "left":
-                masks = [m[len(b):] + m[:len(b)] for m, b in zip(masks, batch)]
-                padded = [p[len(b):] + p[:len(b)] for p, b in zip(padded, batch)]
-            batch, mask = padded, masks
-        elif padding in (False, "do_not_pad", None):
-            mask = [[1] * len(b) for b in batch]
-        else:
-            raise ValueError(f"padding={padding!r}; use False, True/'longest' or 'max_length'")
-        data = {"input_ids": batch, "attention_mask": mask}
-        if single:
-            data = {k: v[0] for k, v in data.items()}
-        return BatchEncoding(data, tensor_type=return_tensors)
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Copy the vocabulary file into `directory` (so a run or merged model directory is self-contained)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / VOCAB_FILE).write_bytes(Path(self.vocab_file).read_bytes())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> RWKVWorldTokenizer:
-        """The tokenizer whose vocabulary file `save_pretrained` wrote into `directory`."""
-        return cls(Path(directory) / VOCAB_FILE, **kwargs)
 
 
 def load_rwkv6(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RWKV6ForCausalLM:
@@ -892,26 +486,3 @@ def load_rwkv6(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> R
                             "directory in the -HF layout")
 
 
-def load_rwkv_tokenizer(path: str | os.PathLike | None = None):
-    """The tokenizer stored beside an RWKV6 model: a transformers tokenizer (tokenizer.json, as the built-in
-    model has) or a copy of the world vocabulary; otherwise the RWKV world tokenizer shipped with `rwkv`."""
-    directory = Path(path) if path is not None else None
-    if directory is not None and directory.is_file():
-        directory = directory.parent
-    if directory is not None and (directory / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(directory)
-    if directory is not None and (directory / VOCAB_FILE).is_file():
-        return RWKVWorldTokenizer.from_pretrained(directory)
-    return RWKVWorldTokenizer()
-
-
-# `AutoConfig` / `AutoModelForCausalLM` resolve model_type "rwkv6" (e.g. a merged model directory) to this module.
-try:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    AutoConfig.register("rwkv6", RWKV6Config)
-    AutoModelForCausalLM.register(RWKV6Config, RWKV6ForCausalLM)
-except ValueError:  # already registered (e.g. a module reload)
-    pass

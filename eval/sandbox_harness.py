@@ -153,6 +153,26 @@ def _limit(kind: int, value: int) -> None:
     resource.setrlimit(kind, (value, value))
 
 
+def _drop_root(cfg: dict, layers: list, exit_now) -> None:
+    """Become the sandbox user for good (root only); the process exits if the drop could be undone."""
+    if "mountns" not in layers or "interpreter-hidden" in layers:
+        # The import path may be unreadable once we are `nobody`: load the usual modules now.
+        import importlib
+
+        for name in PREIMPORT:
+            importlib.import_module(name)
+        layers.append("preimport")
+    os.setgroups([])
+    os.setgid(cfg["gid"])
+    os.setuid(cfg["uid"])
+    try:  # the drop must be irreversible
+        os.setuid(0)
+    except PermissionError:
+        layers.append(f"uid:{cfg['uid']}")
+    else:
+        exit_now(3)
+
+
 def run_inner(cfg: dict, program: str, nonce: str, result_fd: int, layers: list) -> None:
     """The inner process: limits, working directory, privilege drop, guard, then the program."""
     write, exit_now = os.write, os._exit  # kept before the program can monkeypatch os
@@ -174,22 +194,7 @@ def run_inner(cfg: dict, program: str, nonce: str, result_fd: int, layers: list)
     if cfg["guard"]:
         import shutil, socket, subprocess  # noqa: E401,F401  (the guard patches them; load while readable)
     if os.geteuid() == 0:
-        if "mountns" not in layers or "interpreter-hidden" in layers:
-            # The import path may be unreadable once we are `nobody`: load the usual modules now.
-            import importlib
-
-            for name in PREIMPORT:
-                importlib.import_module(name)
-            layers.append("preimport")
-        os.setgroups([])
-        os.setgid(cfg["gid"])
-        os.setuid(cfg["uid"])
-        try:  # the drop must be irreversible
-            os.setuid(0)
-        except PermissionError:
-            layers.append(f"uid:{cfg['uid']}")
-        else:
-            exit_now(3)
+        _drop_root(cfg, layers, exit_now)
     if cfg["guard"]:
         install_guard(workdir)
         layers.append("guard")

@@ -14,10 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from sorsa.fileio import parse_json_lines
+from sorsa.fileio import atomic_write_text, jsonl_text, parse_json_lines
 
 from .benchmarks import BENCHMARKS, get_benchmark
-from .runner import jsonl_text, write_text_atomic
 
 
 def scored_path(generations: Path) -> Path:
@@ -74,7 +73,7 @@ def score_file(dataset: str, generations: Path, test_file: str | Path | None = N
     verdicts = bench.score(matched, [r["completion"] for r in requests], workers=workers)
     lines = [{"id": ex.id, **v, "gold": ex.gold} for ex, v in zip(matched, verdicts)]
     out = scored_path(generations)
-    write_text_atomic(out, jsonl_text(lines))
+    atomic_write_text(out, jsonl_text(lines))
     summary = {"dataset": dataset, **bench.summarize(verdicts), "verdicts": str(out)}
     return summary, out
 

@@ -49,7 +49,8 @@ def build(method: str, dim: int, rank: int) -> nn.Module:
         holder.add_module("proj", base)
         return get_peft_model(holder, LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"])).base_model.model.proj
     layer = SORSALinear(base, rank)
-    layer.initialize(method="randomized", niter=1, seed=0)  # the factors' values do not change the timing
+    # the factors' values do not change the timing: a cheap randomized SVD
+    layer.set_factors(*SF.initial_adapter(*SF.svd_top(base.weight, rank, "randomized", niter=1)))
     return layer if method == "sorsa" else DenseDeltaSORSA(layer)
 
 

@@ -6,7 +6,7 @@ than PiSSA, which converges faster than LoRA), with full fine-tuning alongside; 
 
 1. Pre-train a small Llama-architecture model from scratch on level-1 arithmetic (configs/mini/pretrain.yaml).
 2. Fine-tune it on level-2 arithmetic (a shifted task) with LoRA, PiSSA and SORSA at one rank, one step count
-   and one data order per seed (configs/mini/<method>.yaml through run.main), plus full fine-tuning: first a
+   and one data order per seed (configs/mini/<method>.yaml through sorsa.recipe), plus full fine-tuning: first a
    learning-rate sweep on seed 0 (chosen by the mean training loss of the last 10% of steps), then seeds 1-3
    at each method's best learning rate.
 3. Greedy held-out accuracy through the eval pipeline (level 2, and level 1 to see forgetting), the SVD
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 METHODS = ("sorsa", "pissa", "lora", "full")
-LABELS = {"sorsa": "SORSA", "pissa": "PiSSA", "lora": "LoRA", "full": "Full FT"}
+from sorsa.config import METHOD_LABELS as LABELS  # noqa: E402
 COLORS = {"sorsa": "tab:red", "pissa": "tab:blue", "lora": "tab:green", "full": "tab:gray"}
 # Learning-rate grids of the sweep, factor 2 (3 for full FT) apart. A first full run found 5e-4 worst for
 # every adapter and LoRA's best at the top of a shared grid, so LoRA's grid is shifted up one step (its B
@@ -52,8 +52,6 @@ SWEEP_SEED = 0
 SEEDS = (1, 2, 3)
 N_TRAIN, N_TEST = 4000, 200
 DATA_SEED = 0
-RECIPE_KEYS = ("rank", "alpha", "gamma", "svd", "length", "scheduler", "warmup", "batch_size", "accum_steps",
-               "max_steps", "mix_precision", "max_grad_norm", "wd", "train_dataset")
 LAST_FRACTION = 0.1  # the sweep's criterion: mean training loss over the last 10% of steps
 
 
@@ -148,54 +146,41 @@ def job_base_eval(base: Path, data: dict, recipe: dict, out: Path) -> dict:
             for level, key in (("level1", "l1_test"), ("level2", "l2_test"))}
 
 
-def _finished(run_dir: Path, argv_settings: dict, final: bool) -> bool:
-    cfg = run_dir / "config.yaml"
-    if not (run_dir / "train_done.json").is_file() or not cfg.is_file():
-        return False
-    saved = yaml.safe_load(cfg.read_text())
-    if any(saved.get(k) != v for k, v in argv_settings.items()):
-        return False
-    need = ["eval/gsm-8k/results.json", "eval/level1/results.json", "analysis.csv", "analysis_topk/analysis.csv"]
-    return not final or all((run_dir / f).is_file() for f in need)
-
-
 def job_run(method: str, name: str, lr: float, seed: int, final: bool, base: Path, data: dict, recipe: dict,
             run_path: Path, log_dir: Path) -> dict:
-    """One fine-tuning run through run.main: train (sweep), or train -> merge -> test plus the level-1 test
-    and the SVD analysis (final). Reuses a finished run with the same settings."""
-    import run
-
+    """One fine-tuning run through sorsa.recipe: train (sweep), or train -> merge -> test plus the level-1 test
+    and the SVD analysis (final). Reuses a run finished with the same training settings."""
+    from sorsa import recipe as jobs
     from sorsa.analysis import analyze_run
+    from sorsa.runs import run_dir as open_run
 
-    run_dir = run_path / name
-    # What a finished run must match to be reused: the recipe's training settings and this job's overrides.
-    settings = {k: recipe[k] for k in RECIPE_KEYS if k in recipe}
-    settings.update(peft=method, lr=lr, seed=seed, model=str(base),
-                    save_steps=recipe["save_steps"] if final else recipe["max_steps"])
+    overrides = {"name": name, "seed": seed, "lr": lr, "model": str(base), "train_file": str(data["l2_train"]),
+                 "test_file": str(data["l2_test"]), "run_path": str(run_path), "max_steps": recipe["max_steps"],
+                 "save_steps": recipe["save_steps"] if final else recipe["max_steps"], "overwrite": True}
+    if not final:
+        overrides.update(merge=False, test=False)
+    cfg = jobs.resolve_config(overrides, str(ROOT / f"configs/mini/{method}.yaml"))
+    run = open_run(cfg.run_path, cfg.name)
     started = time.perf_counter()
-    reused = _finished(run_dir, settings, final)
+    need = ["eval/gsm-8k/results.json", "eval/level1/results.json", "analysis.csv", "analysis_topk/analysis.csv"]
+    reused = run.done_with(cfg.training_settings()) and (not final or all((run.path / f).is_file() for f in need))
     if not reused:
-        argv = ["--config", str(ROOT / f"configs/mini/{method}.yaml"), "--name", name, "--seed", str(seed),
-                "--lr", str(lr), "--model", str(base), "--train-file", str(data["l2_train"]),
-                "--test-file", str(data["l2_test"]), "--run-path", str(run_path), "--max-steps",
-                str(recipe["max_steps"]), "--save-steps", str(settings["save_steps"]), "--overwrite"]
-        if not final:
-            argv += ["--no-merge", "--no-test"]
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            code = run.main(argv)
-        if code != 0:
-            raise RuntimeError(f"run {name} failed (exit {code}); see {log_dir / (name + '.log')}")
+            jobs.train(cfg)
+            if final:
+                jobs.merge(cfg)
+                jobs.test(cfg)
         if not final:  # the sweep reads only train_log.jsonl; its checkpoint (optimizer state included) goes
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
         if final:
-            _greedy_eval(run_dir / "merged", run_dir / "eval" / "level1", data["l1_test"], recipe)
-            analyze_run(run_dir, progress=False, plot=False)
+            _greedy_eval(run.merged_dir, run.eval_root / "level1", data["l1_test"], recipe)
+            analyze_run(run.path, progress=False, plot=False)
             # The principal part alone: the top-r triplets that PiSSA and SORSA train directly.
-            analyze_run(run_dir, out_dir=run_dir / "analysis_topk", progress=False, plot=False,
+            analyze_run(run.path, out_dir=run.path / "analysis_topk", progress=False, plot=False,
                         top_k=recipe["rank"])
-            shutil.rmtree(run_dir / "merged", ignore_errors=True)  # re-creatable with run.py --merge
+            shutil.rmtree(run.merged_dir, ignore_errors=True)  # re-creatable with run.py --merge
     return {"method": method, "name": name, "lr": lr, "seed": seed, "final": final, "reused": reused,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -203,9 +188,9 @@ def job_run(method: str, name: str, lr: float, seed: int, final: bool, base: Pat
 # ----------------------------------------------------------------------------- results
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    from sorsa.report import read_train_log
+    from sorsa.runs import RunDir
 
-    return {r["step"]: r["loss"] for r in read_train_log(run_dir)}
+    return {r["step"]: r["loss"] for r in RunDir(run_dir).read_train_log()}
 
 
 def tail_loss(losses: dict[int, float], fraction: float = LAST_FRACTION) -> float:
@@ -346,6 +331,9 @@ def _last_step(rows_per_seed: list[list[dict]]) -> tuple[list[float], list[float
 
 def write_markdown(path: Path, results: dict, sweep: dict, best: dict, base_info: dict, base_acc: dict,
                    chance: dict, recipe: dict, cost: dict, wall: float, timings: list[dict], quick: bool):
+    from sorsa.runs import package_versions
+
+    versions = package_versions()
     r0 = recipe["sorsa"]
     steps = r0["max_steps"]
     early = steps // 4
@@ -457,7 +445,7 @@ def write_markdown(path: Path, results: dict, sweep: dict, best: dict, base_info
               f"- Fine-tuning task: level-2 problems (an addition then a subtraction, or a one-digit product), "
               f"{N_TRAIN} training and {N_TEST} test problems (no overlap); a test set of {N_TEST} level-1 problems "
               "unseen in pre-training measures forgetting.",
-              f"- Recipe (configs/mini/<method>.yaml through `run.main`): rank {r0['rank']} on all seven projections, "
+              f"- Recipe (configs/mini/<method>.yaml through `sorsa.recipe`): rank {r0['rank']} on all seven projections, "
               f"{steps} steps, batch {r0['batch_size']}, cosine schedule with {r0['warmup']:g} warmup, AdamW without "
               f"weight decay, clip 1.0, fp32, full SVD initialisation for PiSSA and SORSA, SORSA gamma "
               f"{r0['gamma']:g}; the same data order for every method at a given seed (the seed also draws "
@@ -471,8 +459,8 @@ def write_markdown(path: Path, results: dict, sweep: dict, best: dict, base_info
               "ΔD also counts singular values that change places and nearly equal ones whose directions a small "
               "change re-mixes; the top-r numbers describe the principal part that PiSSA and SORSA train.",
               f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores; {len(timings)} fine-tuning runs in "
-              f"{cost.get('jobs', 2)} single-threaded worker processes; torch {_version('torch')}, "
-              f"transformers {_version('transformers')}, peft {_version('peft')}.",
+              f"{cost.get('jobs', 2)} single-threaded worker processes; torch {versions.get('torch', '?')}, "
+              f"transformers {versions.get('transformers', '?')}, peft {versions.get('peft', '?')}.",
               f"- **Wall time: {cost['wall_seconds'] / 60:.1f} min** for the whole script (pre-training, sweep, seeds, "
               f"evaluation, analysis, figure), measured {cost['measured']}"
               + (f"; CPU time {cost['cpu_seconds'] / 60:.1f} min (user + system, all processes), so on two cores "
@@ -492,15 +480,6 @@ def _cpu_seconds() -> float | None:
         return None
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 1)
-
-
-def _version(pkg: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "?"
 
 
 def chance_accuracy(test_file: Path) -> float:

@@ -7,11 +7,11 @@ source scripts/setup_env.sh
 start=$(date +%s)
 python run.py --config configs/quickstart.yaml "$@"
 python - <<'PY'
-import json
-log = [json.loads(l) for l in open("runs/quickstart/train_log.jsonl")]
-losses = [(r["step"], r["loss"]) for r in log if "loss" in r]
+from sorsa.runs import RunDir
+run = RunDir("runs/quickstart")
+losses = [(r["step"], r["loss"]) for r in run.read_train_log()]
 print("training loss by step: " + ", ".join(f"{s}: {l:.3f}" for s, l in losses[:: max(1, len(losses) // 8)] + losses[-1:]))
-res = json.load(open("runs/quickstart/eval/gsm-8k/results.json"))
+res = next(r for r in run.eval_results() if r["eval_dir"] == "gsm-8k")
 print(f"test accuracy (built-in arithmetic, GSM-8K protocol): {100 * res['accuracy']:.1f}% ({res['correct']}/{res['total']})")
 PY
 echo "quickstart finished in $(( $(date +%s) - start )) s; the run is in runs/quickstart/"

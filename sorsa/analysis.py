@@ -8,25 +8,22 @@ import csv
 import io
 import json
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from . import functional as SF
-from .config import LLAMA_TARGETS, load_yaml
-from .fileio import atomic_write_text
+from .adapter_io import AdapterFile
+from .config import METHOD_LABELS
+from .fileio import atomic_write_text, checkpoint_files
+from .runs import RunDir
+from .targets import default_targets, is_target
 
 CSV_NAME = "analysis.csv"
 PNG_NAME = "analysis.png"
 CSV_COLUMNS = ("run", "method", "layer", "step", "delta_sigma", "delta_direction")
-METHOD_LABELS = {"sorsa": "SORSA", "pissa": "PiSSA", "lora": "LoRA", "full": "Full FT"}
-METHOD_ORDER = ("sorsa", "pissa", "lora", "full")  # the paper's figure order
-# RWKV6's adapted layers (run.py's defaults for --rwkv), used when a full-FT RWKV run names no targets.
-RWKV_TARGETS = ["attention.receptance", "attention.key", "attention.value", "attention.gate",
-                "attention.output", "feed_forward.key", "feed_forward.value", "feed_forward.receptance"]
+METHOD_ORDER = tuple(METHOD_LABELS)  # the paper's figure order: SORSA, PiSSA, LoRA, full FT
 
 
 # ----------------------------------------------------------------------------- the measure
@@ -80,11 +77,8 @@ class TensorReader:
         path = Path(path)
         if path.is_file():
             files = [path]
-        elif (path / "model.safetensors.index.json").is_file():
-            index = json.loads((path / "model.safetensors.index.json").read_text())
-            files = sorted({path / f for f in index["weight_map"].values()})
         else:
-            files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+            files = checkpoint_files(path) or (sorted(path.glob("*.safetensors")) if path.is_dir() else [])
         if not files:
             raise FileNotFoundError(f"{path} holds no safetensors weights; the analysis reads safetensors "
                                     "checkpoints (save the model with save_pretrained first)")
@@ -123,77 +117,16 @@ class TensorReader:
         return hits[0]
 
 
-def _module_matches(name: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 # ----------------------------------------------------------------------------- one run
 
-def _read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give RUN_PATH/NAME of a "
-                                "run trained with run.py --train")
-    return load_yaml(path)
-
-
-def resolve_base_model(config: dict, run_dir: Path) -> Path:
-    """The local directory of the run's base model: a builtin: name (materialised in the cache run.py
-    uses), an existing path, or a hub id already in (or fetched into) the Hugging Face cache."""
-    name = str(config.get("model"))
-    if name.startswith("builtin:"):
-        from .builtin import resolve_builtin
-
-        # run.py's builtin cache is RUN_PATH/.builtin unless cache_path is set; RUN_PATH is the run's parent.
-        cache = Path(config["cache_path"]) if config.get("cache_path") else run_dir.parent / ".builtin"
-        return Path(resolve_builtin(name, cache))
-    for candidate in (Path(name).expanduser(), run_dir.parent.parent / name):
-        if candidate.exists():
-            return candidate
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"],
-                                      cache_dir=config.get("cache_path"), local_files_only=bool(config.get("local"))))
-    except Exception as err:  # noqa: BLE001  (any hub failure becomes one actionable line)
-        raise FileNotFoundError(f"base model {name!r} of {run_dir} is neither a local directory nor reachable on "
-                                f"the Hugging Face Hub ({type(err).__name__}); pass base_model=DIR") from None
-
-
-def list_checkpoints(run_dir: Path, final_dir: str) -> list[tuple[int, Path]]:
-    """(step, directory) of every RUN/checkpoints/checkpoint-N, plus the final RUN/<final_dir> at the
-    run's last step when no checkpoint was written there (train_done.json gives the step)."""
-    found = []
-    ckpt_root = run_dir / "checkpoints"
-    if ckpt_root.is_dir():
-        for d in ckpt_root.glob("checkpoint-*"):
-            if d.is_dir() and d.name.split("-")[-1].isdigit():
-                found.append((int(d.name.split("-")[-1]), d))
-    done = run_dir / "train_done.json"
-    if done.is_file() and (run_dir / final_dir).is_dir():
-        step = json.loads(done.read_text()).get("steps")
-        if isinstance(step, int) and step not in {s for s, _ in found}:
-            found.append((step, run_dir / final_dir))
+def list_checkpoints(run: RunDir, method: str) -> list[tuple[int, Path]]:
+    """(step, directory) of every RUN/checkpoints/checkpoint-N, plus the final adapter (or model) at the
+    run's last step when no checkpoint was written there (the completion marker gives the step)."""
+    found = run.checkpoints()
+    step = run.read_done().get("steps")
+    if run.trained_dir(method).is_dir() and isinstance(step, int) and step not in {s for s, _ in found}:
+        found.append((step, run.trained_dir(method)))
     return sorted(found)
-
-
-class _SORSAWeights:
-    """W_t = W_0 − scale·U_0 diag(S_0) Vh_0 + scale·U_p diag(S_p) Vh_p, from a saved SORSA adapter
-    (W_res is re-derived from the float32 W_0, so a bf16 residual's rounding is not counted as training)."""
-
-    def __init__(self, checkpoint: Path):
-        info = json.loads((checkpoint / "adapter_config.json").read_text())
-        cfg = info["config"]
-        self.scale = 1.0 if cfg.get("alpha") is None else float(cfg["alpha"]) / int(cfg["rank"])
-        self.layers = list(info["layers"])
-        self.reader = TensorReader(checkpoint / "adapter_model.safetensors")
-
-    def weight(self, layer: str, W0: torch.Tensor) -> torch.Tensor:
-        t = {f: self.reader.get(f"{layer}.{f}").to(W0.device) for f in ("U_p", "S_p", "Vh_p", "U_0", "S_0", "Vh_0")}
-        return (W0 - SF.adapter_delta(t["U_0"], t["S_0"], t["Vh_0"], self.scale)
-                + SF.adapter_delta(t["U_p"], t["S_p"], t["Vh_p"], self.scale))
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -251,12 +184,13 @@ class _FullWeights:
         return self.reader.get(self.reader.weight_key(layer)).to(device=W0.device, dtype=torch.float32)
 
 
-def _full_ft_layers(base: TensorReader, config: dict) -> list[str]:
+def _full_ft_layers(base: TensorReader, config) -> list[str]:
     """The layers a full fine-tuning run is analysed on: the 2-D weights of the modules that the adapter
-    methods would adapt (the run's target_modules, else the seven projections), so runs compare like for like."""
-    targets = config.get("target_modules") or (RWKV_TARGETS if config.get("rwkv") else LLAMA_TARGETS)
+    methods would adapt (the run's target_modules, else the architecture's defaults), so runs compare like
+    for like."""
+    targets = config.target_modules or default_targets(rwkv=config.rwkv)
     layers = [k[:-len(".weight")] for k in base.keys()
-              if k.endswith(".weight") and len(base.shape(k)) == 2 and _module_matches(k[:-len(".weight")], targets)]
+              if k.endswith(".weight") and len(base.shape(k)) == 2 and is_target(k[:-len(".weight")], targets)]
     if not layers:
         raise ValueError(f"no weight of {base.path} matches target_modules={targets!r}")
     return layers
@@ -264,7 +198,7 @@ def _full_ft_layers(base: TensorReader, config: dict) -> list[str]:
 
 def _opener(method: str, run_dir: Path, full_layers: list[str] | None):
     if method == "sorsa":
-        return _SORSAWeights
+        return AdapterFile
     if method in ("lora", "pissa"):
         init = run_dir / "pissa_init" if method == "pissa" else None
         return lambda ckpt: _PeftWeights(ckpt, init)
@@ -286,14 +220,15 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     """
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    config = _read_config(run_dir)
-    method = config.get("peft", "sorsa")
-    if method not in METHOD_LABELS:
-        raise ValueError(f"{run_dir}/config.yaml: peft={method!r} is not one of {list(METHOD_LABELS)}")
-    base_dir = Path(base_model) if base_model is not None else resolve_base_model(config, run_dir)
+    from .loading import run_base_model_dir
+
+    run = RunDir(run_dir)
+    run_dir = run.path
+    config = run.read_run_config()
+    method = config.peft
+    base_dir = Path(base_model) if base_model is not None else run_base_model_dir(config, run_dir)
     base = TensorReader(base_dir)
-    checkpoints = list_checkpoints(run_dir, "model" if method == "full" else "adapter")
+    checkpoints = list_checkpoints(run, method)
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir} has no checkpoints (checkpoints/checkpoint-N) and no finished "
                                 "adapter to analyse; train it with --save-steps N first")

@@ -14,9 +14,7 @@ from typing import Any
 import torch
 
 from .functional import SVD_METHODS
-
-# The seven projections of Llama / Mistral / Gemma, as in the paper's runs.
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .targets import LLAMA_TARGETS
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -112,9 +110,32 @@ class SORSAConfig:
 # ----------------------------------------------------------------------------- run settings
 
 PEFT_METHODS = ("sorsa", "lora", "pissa", "full")
+# How each method is named in tables and figures.
+METHOD_LABELS = {"sorsa": "SORSA", "pissa": "PiSSA", "lora": "LoRA", "full": "Full FT"}
 TRAIN_DATASETS = ("metamath", "code")
 TEST_DATASETS = ("gsm-8k", "math", "humaneval")
 PRECISIONS = ("bf16", "fp16", "fp32", "tf32")
+TEST_PRECISIONS = ("bf16", "fp16", "fp32")
+BACKENDS = ("auto", "hf", "vllm")
+REPORTERS = ("none", "all", "tensorboard", "wandb")
+
+
+def setting(default=dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (), choices=None,
+            group: str = "", training: bool = True, metavar: str | None = None, append: bool = False,
+            nargs: str = "+", default_factory=dataclasses.MISSING):
+    """A settings field with what the command line needs: help, extra flag spellings, choices, the help
+    group, and whether the value decides the result of training (`training`; hashed into the completion
+    marker). `run.py` builds every flag from these, so a flag, its choices and its default are declared
+    once. `append`: the flag is repeatable (each use adds one value); `nargs`: for list-valued settings."""
+    meta = {"help": help, "flags": flags, "choices": choices, "group": group, "training": training,
+            "metavar": metavar, "append": append, "nargs": nargs}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+JOBS, MODEL, OPTIM, EVAL, PATHS = ("jobs (several run in the order train, merge, test)", "model and method",
+                                   "training data and optimisation", "evaluation", "paths")
 
 
 @dataclass
@@ -127,72 +148,82 @@ class RunConfig:
     """
 
     # what to run
-    name: str | None = None
-    train: bool = False
-    merge: bool = False
-    test: bool = False
+    name: str | None = setting(None, "the run's name: its directory is RUN_PATH/NAME", flags=("-n",), group=MODEL,
+                               training=False)
+    train: bool = setting(False, "fine-tune and save the adapter", flags=("-t",), group=JOBS, training=False)
+    merge: bool = setting(False, "fold the adapter into the base model", flags=("-m",), group=JOBS, training=False)
+    test: bool = setting(False, "generate and score a benchmark", flags=("-T",), group=JOBS, training=False)
     # model and method
-    model: str = "meta-llama/Llama-2-7b-hf"
-    tokenizer: str | None = None
-    peft: str = "sorsa"
-    rwkv: bool = False
-    rank: int = 128
-    alpha: float | None = None
-    gamma: float = 4e-4
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None  # None: the seven projections (or RWKV's layers)
-    svd: str = "full"
-    svd_niter: int = 4
+    model: str = setting("meta-llama/Llama-2-7b-hf", "hub id, local directory or builtin: name of the base model",
+                         group=MODEL)
+    tokenizer: str | None = setting(None, "hub id or directory of the tokenizer (none: the model's)", group=MODEL)
+    peft: str = setting("sorsa", "method", flags=("-p",), choices=PEFT_METHODS, group=MODEL)
+    rwkv: bool = setting(False, "the model is RWKV6 (Finch)", group=MODEL)
+    rank: int = setting(128, "adapter rank r", flags=("-r",), group=MODEL)
+    alpha: float | None = setting(None, "scale = alpha / r (none: scale 1)", flags=("-a",), group=MODEL)
+    gamma: float = setting(4e-4, "orthonormal regularizer gamma", flags=("-g",), group=MODEL)
+    dropout: float = setting(0.0, "adapter dropout", flags=("-d",), group=MODEL)
+    target_modules: list[str] | str | None = setting(
+        None, "module-name suffixes to adapt (none: the architecture's defaults, e.g. Llama's seven projections)",
+        group=MODEL)
+    svd: str = setting("full", "SVD for the initialisation", choices=SVD_METHODS, group=MODEL)
+    svd_niter: int = setting(4, "subspace iterations of the randomized SVD", group=MODEL)
     # data
-    train_dataset: str = "metamath"
-    split: str | None = "[:100000]"
-    train_file: str | None = None
-    length: int = 512
+    train_dataset: str = setting("metamath", "training set", choices=TRAIN_DATASETS, group=OPTIM)
+    split: str | None = setting("[:100000]", "slice of the train split, e.g. '[:100000]'", group=OPTIM)
+    train_file: str | None = setting(None, "local json/jsonl/parquet (or builtin:) instead of the hub dataset",
+                                     group=OPTIM)
+    length: int = setting(512, "max tokens of the prompt and of the response, each", flags=("-l",), group=OPTIM)
     # optimisation
-    seed: int = 42
-    lr: float = 3e-5
-    wd: float = 0.0
-    scheduler: str = "cosine"
-    warmup: float = 0.03  # < 1: a ratio of the steps; >= 1: a number of steps
-    batch_size: int = 2
-    accum_steps: int = 64
-    epochs: float = 1.0
-    max_steps: int = -1
-    max_grad_norm: float = 1.0
-    mix_precision: list[str] = field(default_factory=lambda: ["bf16", "tf32"])
-    grad_cp: bool = False
-    save_steps: int = 500
-    logging_steps: int = 1
-    resume: bool = False
-    overwrite: bool = False
-    report_to: str = "none"
-    deepspeed: str | None = None
+    seed: int = setting(42, "random seed (data order, initialisation, dropout)", group=OPTIM)
+    lr: float = setting(3e-5, "peak learning rate", group=OPTIM)
+    wd: float = setting(0.0, "weight decay", group=OPTIM)
+    scheduler: str = setting("cosine", "learning-rate schedule", group=OPTIM)
+    warmup: float = setting(0.03, "warmup: a ratio (< 1) or a number of steps (>= 1)", group=OPTIM)
+    batch_size: int = setting(2, "per-device batch", group=OPTIM)
+    accum_steps: int = setting(64, "gradient-accumulation steps", flags=("--accum-step",), group=OPTIM)
+    epochs: float = setting(1.0, "training epochs", group=OPTIM)
+    max_steps: int = setting(-1, "stop after this many optimizer steps (-1: the epochs decide)", group=OPTIM)
+    max_grad_norm: float = setting(1.0, "gradient clipping (0: off)", group=OPTIM)
+    mix_precision: list[str] = setting(help="precision, repeatable: bf16 + tf32 is a bf16 residual with float32 "
+                                       "adapters", choices=PRECISIONS, group=OPTIM, append=True,
+                                       default_factory=lambda: ["bf16", "tf32"])
+    grad_cp: bool = setting(False, "gradient checkpointing", group=OPTIM)
+    save_steps: int = setting(500, "checkpoint every N steps", group=OPTIM, training=False)
+    logging_steps: int = setting(1, "log every N steps", group=OPTIM, training=False)
+    resume: bool = setting(False, "continue from the run's last checkpoint", group=OPTIM, training=False)
+    overwrite: bool = setting(False, "replace a finished run of the same name", group=OPTIM, training=False)
+    report_to: str = setting("none", "none, tensorboard or wandb (comma-separated)", group=OPTIM, training=False)
+    deepspeed: str | None = setting(None, "DeepSpeed JSON config", group=OPTIM, metavar="CONFIG")
     # evaluation
-    test_dataset: str = "gsm-8k"
-    test_file: str | None = None
-    test_precision: str = "bf16"
-    valid_batch_size: int = 8
-    max_new_tokens: int | None = None
-    limit: int | None = None
-    backend: str = "auto"
-    export_lora: bool = False
+    test_dataset: str = setting("gsm-8k", "benchmark", choices=TEST_DATASETS, group=EVAL, training=False)
+    test_file: str | None = setting(None, "local test data (or builtin:) instead of the hub dataset", group=EVAL,
+                                    training=False)
+    test_precision: str = setting("bf16", "generation precision", choices=TEST_PRECISIONS, group=EVAL,
+                                  training=False)
+    valid_batch_size: int = setting(8, "generation batch", group=EVAL, training=False)
+    max_new_tokens: int | None = setting(None, "none: 1024 (gsm-8k), 2048 (math, humaneval)", group=EVAL,
+                                         training=False)
+    limit: int | None = setting(None, "score the first N examples only", group=EVAL, training=False)
+    backend: str = setting("auto", "generation backend", choices=BACKENDS, group=EVAL, training=False)
+    export_lora: bool = setting(False, "with --merge: also write the PEFT LoRA form", group=EVAL, training=False)
     # paths
-    run_path: str = "./runs"
-    cache_path: str | None = None
-    svd_cache_path: str | None = None
-    local: bool = False
-    trust_remote_code: bool = False
+    run_path: str = setting("./runs", "where runs live", group=PATHS, training=False)
+    cache_path: str | None = setting(None, "Hugging Face download cache (none: HF_HOME)", group=PATHS,
+                                     training=False)
+    svd_cache_path: str | None = setting(None, "reuse SVD initialisations saved here", group=PATHS, training=False)
+    local: bool = setting(False, "load models and data from local files only", group=PATHS, training=False)
+    trust_remote_code: bool = setting(False, "allow a model's own code", group=PATHS, training=False)
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
             if not ok:
                 raise ValueError(msg)
 
-        check(self.peft in PEFT_METHODS, f"peft={self.peft!r} is unknown; use one of {list(PEFT_METHODS)}")
-        check(self.train_dataset in TRAIN_DATASETS,
-              f"train_dataset={self.train_dataset!r} is unknown; use one of {list(TRAIN_DATASETS)}")
-        check(self.test_dataset in TEST_DATASETS,
-              f"test_dataset={self.test_dataset!r} is unknown; use one of {list(TEST_DATASETS)}")
+        for f in dataclasses.fields(self):  # every field with choices: one check, one message
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and not f.metadata.get("append"):
+                check(value in choices, f"{f.name}={value!r} is unknown; use one of {list(choices)}")
         check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
               f"rank={self.rank!r} is invalid; the rank must be an integer >= 1")
         check(self.length >= 1, f"length={self.length!r} is invalid; use a positive number of tokens")
@@ -201,18 +232,14 @@ class RunConfig:
         check(self.batch_size >= 1 and self.accum_steps >= 1,
               f"batch_size={self.batch_size!r} and accum_steps={self.accum_steps!r} must be >= 1")
         check(self.warmup >= 0, f"warmup={self.warmup!r} must be >= 0")
-        check(self.svd in SVD_METHODS, f"svd={self.svd!r} is unknown; use one of {list(SVD_METHODS)}")
         if isinstance(self.mix_precision, str):
             self.mix_precision = [self.mix_precision]
         bad = [p for p in self.mix_precision if p not in PRECISIONS]
         check(not bad, f"mix_precision {bad} unknown; use any of {list(PRECISIONS)}")
         check(not ("bf16" in self.mix_precision and "fp16" in self.mix_precision),
               "mix_precision cannot hold both bf16 and fp16")
-        check(self.test_precision in ("bf16", "fp16", "fp32"),
-              f"test_precision={self.test_precision!r} is unknown; use bf16, fp16 or fp32")
-        check(self.backend in ("auto", "hf", "vllm"), f"backend={self.backend!r} is unknown; use auto, hf or vllm")
         check(self.limit is None or self.limit >= 1, f"limit={self.limit!r} must be >= 1")
-        bad = [n for n in str(self.report_to).split(",") if n.strip() not in ("none", "all", "tensorboard", "wandb")]
+        bad = [n for n in str(self.report_to).split(",") if n.strip() not in REPORTERS]
         check(not bad, f"report_to {bad} is not supported here; use none, tensorboard or wandb (comma-separated)")
 
     @property
@@ -222,13 +249,18 @@ class RunConfig:
 
     def sorsa_config(self, default_targets: list[str]) -> SORSAConfig:
         """The adapter settings of this run (residual in the compute precision, adapters float32)."""
-        residual = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        residual = None if self.precision == "fp32" else parse_dtype(self.precision)
         return SORSAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                            target_modules=self.target_modules or default_targets, svd=self.svd,
                            niter=self.svd_niter, seed=self.seed, residual_dtype=residual)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def training_settings(self) -> dict:
+        """The settings that decide the result of training (the fields marked `training`), for the
+        completion marker: a finished run is reused only when these are unchanged."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("training", True)}
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -242,6 +274,32 @@ class RunConfig:
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+@dataclass
+class JobOptions:
+    """What `run.py` does besides the run's own jobs: reports, analysis and plans. Not saved with a run."""
+
+    config: str | None = setting(None, "settings from a YAML file (the same keys as the flags, with _)",
+                                 metavar="FILE.yaml")
+    analyze: list[str] | None = setting(
+        None, "SVD variation analysis of each run's checkpoints against the base: RUN/analysis.csv and .png "
+        "(no RUN: the run of --name)", group="analysis and reporting (after any train/merge/test of this call)",
+        metavar="RUN", nargs="*")
+    report: list[str] | None = setting(
+        None, "a table of runs next to the paper's numbers, and their training curves: OUT/report.md, report.csv, "
+        "training_curves.png", group="analysis and reporting (after any train/merge/test of this call)",
+        metavar="RUN", nargs="*")
+    out: str | None = setting(None, "where --report (none: RUN_PATH/report) and a side-by-side --analyze of several "
+                              "runs write", group="analysis and reporting (after any train/merge/test of this call)",
+                              metavar="DIR")
+    analysis_top_k: int | None = setting(None, "analyse only the top-K singular triplets", metavar="K",
+                                         group="analysis and reporting (after any train/merge/test of this call)")
+    dry_run: bool = setting(False, "print the run's plan without loading weights: target layers, trainable "
+                            "parameters, memory per GPU (the paper's 7B models work offline)",
+                            group="planning (nothing is trained)")
+    gpus: int | None = setting(None, "with --dry-run: plan for N GPUs (none: WORLD_SIZE or 1)", metavar="N",
+                               group="planning (nothing is trained)")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

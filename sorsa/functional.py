@@ -60,14 +60,13 @@ def split_weight(weight: torch.Tensor, U_p: torch.Tensor, S_p: torch.Tensor, Vh_
     return (weight.detach().to(torch.float32) - adapter_delta(U_p, S_p, Vh_p, scale)).to(residual_dtype)
 
 
-def init_factors(weight: torch.Tensor, rank: int, scale: float = 1.0, method: str = "full",
-                 niter: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Initial adapter (U_p, S_p, Vh_p) in float32 from the top-`rank` SVD of `weight`.
+def initial_adapter(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter (U_p, S_p, Vh_p) at initialisation from the top-r SVD (U: (out, r), S: (r,), Vh: (r, in)).
 
     S_p starts at the singular values divided by `scale`, so scale · U_p diag(S_p) Vh_p is the
     rank-r principal part for any alpha and W_res is exactly the SVD tail.
     """
-    U, S, Vh = svd_top(weight, rank, method=method, niter=niter, seed=seed)
     return U, S / scale, Vh
 
 

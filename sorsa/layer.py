@@ -65,13 +65,6 @@ class SORSALinear(nn.Module):
         self.base_layer.weight = nn.Parameter(W_res, requires_grad=False)
         self.merged = False
 
-    @torch.no_grad()
-    def initialize(self, method: str = "full", niter: int = 4, seed: int = 0,
-                   residual_dtype: torch.dtype | None = None):
-        """SVD initialisation (float32) of this layer from its current weight."""
-        U, S, Vh = SF.init_factors(self.base_layer.weight, self.rank, self.scale, method, niter, seed)
-        self.set_factors(U, S, Vh, residual_dtype)
-
     def delta_weight(self) -> torch.Tensor:
         """scale · U_p diag(S_p) Vh_p in float32, (out, in); feeds merge and analysis."""
         return SF.adapter_delta(self.U_p, self.S_p, self.Vh_p, self.scale)

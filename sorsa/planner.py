@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .config import parse_dtype
+
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 # Hub id -> stored config (configs/models/README.md cites each file's source).
 STORED_CONFIGS = {
@@ -31,7 +33,6 @@ PAPER_PARAMS = {
     "RWKV/v6-Finch-7B-HF": {"rank": 64, "adapter": 176e6, "full": None},
 }
 GiB = 1024 ** 3
-_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 # ----------------------------------------------------------------------------- the model, weightless
@@ -179,7 +180,7 @@ def estimate_memory(*, total_params: int, trainable: int, method: str, precision
     the loss. Not counted: the CUDA context, allocator fragmentation and communication buffers.
     """
     half = precision in ("bf16", "fp16")
-    act = _BYTES[precision]
+    act = parse_dtype(precision).itemsize  # bytes of one activation element
     # The adapter methods keep every base weight (SORSA's W_res has W's shape) and add their own tensors.
     frozen = 0 if method == "full" else total_params
     mixed = deepspeed and half

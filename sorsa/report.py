@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
 from pathlib import Path
 
-from .config import load_yaml
+from .config import METHOD_LABELS
 from .fileio import atomic_write_text
+from .runs import RunDir
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 BENCHMARKS = (("gsm8k", "gsm-8k", "GSM-8K"), ("math", "math", "MATH"), ("humaneval", "humaneval", "HumanEval"))
-METHOD_NAMES = {"sorsa": "SORSA", "pissa": "PiSSA", "lora": "LoRA", "full": "Full FT"}
 # A run's model id (hub id or local directory, matched on its last path component) -> the paper's model.
 MODEL_PATTERNS = ((r"llama-?2-7b", "Llama 2 7B"), (r"mistral-7b-v0\.1", "Mistral 7B v0.1"),
                   (r"gemma-7b", "Gemma 7B"), (r"(rwkv|finch).*7b|7b.*(rwkv|finch)", "RWKV6 7B"))
@@ -61,7 +60,7 @@ def paper_model_name(model_id: str, rwkv: bool = False) -> str | None:
 def find_paper_row(paper: list[dict], model_id: str, method: str, rwkv: bool = False) -> dict | None:
     """The paper's row for a run's model id and peft method, or None when the paper has no such cell."""
     name = paper_model_name(model_id, rwkv)
-    label = METHOD_NAMES.get(method, method)
+    label = METHOD_LABELS.get(method, method)
     return next((r for r in paper if r["model"] == name and r["method"] == label), None)
 
 
@@ -79,19 +78,22 @@ def _safetensors_numel(path: Path, keep=lambda key: True) -> int:
 
 
 def count_trainable_params(run_dir: Path, method: str) -> int | None:
-    """Trainable parameters of a run: train_done.json["trainable_params"] when recorded, else counted
+    """Trainable parameters of a run: the completion marker's "trainable_params" when recorded, else counted
     from its saved tensors (SORSA: U_p, S_p, Vh_p; LoRA: lora_A, lora_B; PiSSA: the rank-r initial
     adapter, since the saved one is converted to rank 2r; full FT: every tensor of the model)."""
-    done = run_dir / "train_done.json"
-    if done.is_file():
-        recorded = json.loads(done.read_text()).get("trainable_params")
-        if isinstance(recorded, int):
-            return recorded
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS
+
+    from .adapter_io import ADAPTER_WEIGHTS, TRAINED
+
+    run = RunDir(run_dir)
+    recorded = run.read_done().get("trainable_params")
+    if isinstance(recorded, int):
+        return recorded
     candidates = {
-        "sorsa": [(run_dir / "adapter" / "adapter_model.safetensors", lambda k: k.endswith((".U_p", ".S_p", ".Vh_p")))],
-        "lora": [(run_dir / "adapter" / "adapter_model.safetensors", lambda k: ".lora_" in k)],
-        "pissa": [(run_dir / "pissa_init" / "adapter_model.safetensors", lambda k: ".lora_" in k)],
-        "full": [(p, lambda k: True) for p in sorted((run_dir / "model").glob("*.safetensors"))],
+        "sorsa": [(run.adapter_dir / ADAPTER_WEIGHTS, lambda k: k.endswith(tuple("." + f for f in TRAINED)))],
+        "lora": [(run.adapter_dir / PEFT_WEIGHTS, lambda k: ".lora_" in k)],
+        "pissa": [(run.pissa_init_dir / PEFT_WEIGHTS, lambda k: ".lora_" in k)],
+        "full": [(p, lambda k: True) for p in sorted(run.model_dir.glob("*.safetensors"))],
     }.get(method, [])
     found = [(p, keep) for p, keep in candidates if p.is_file()]
     if not found:
@@ -99,32 +101,37 @@ def count_trainable_params(run_dir: Path, method: str) -> int | None:
     return sum(_safetensors_numel(p, keep) for p, keep in found)
 
 
+def measurements(run_dir: Path) -> list[dict]:
+    """Every scored measurement of a run (RUN/eval/*/results.json) as {"eval_dir", "dataset", "test_file",
+    "accuracy" (in %), "total"}."""
+    rows = []
+    for r in RunDir(run_dir).eval_results():
+        rows.append({"eval_dir": r["eval_dir"], "dataset": r.get("dataset", r["eval_dir"]),
+                     "test_file": r.get("test_file"), "accuracy": 100.0 * float(r["accuracy"]), "total": r.get("total")})
+    return rows
+
+
 def read_accuracy(run_dir: Path, dataset: str) -> float | None:
-    """Accuracy in % from RUN/eval/<dataset>/results.json, or None when the run was not tested on it."""
-    path = run_dir / "eval" / dataset / "results.json"
-    if not path.is_file():
-        return None
-    return 100.0 * float(json.loads(path.read_text())["accuracy"])
+    """Accuracy in % of the run's first measurement on `dataset` (RUN/eval/<dataset>/), or None when the run
+    was not tested on it; further measurements (other test files) are in `measurements`."""
+    return next((m["accuracy"] for m in measurements(run_dir) if m["eval_dir"] == dataset), None)
 
 
 def run_row(run_dir: str | os.PathLike, paper: list[dict] | None = None) -> dict:
     """One report row (REPORT_COLUMNS) for a run directory."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_yaml(cfg_path)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
     method = cfg.get("peft", "sorsa")
     paper_row = find_paper_row(load_paper_results() if paper is None else paper, cfg.get("model", ""), method,
                                bool(cfg.get("rwkv")))
-    row = {"run": run_dir.name, "model": cfg.get("model"), "method": METHOD_NAMES.get(method, method),
+    row = {"run": run.name, "model": cfg.get("model"), "method": METHOD_LABELS.get(method, method),
            "rank": None if method == "full" else cfg.get("rank"),
-           "trainable_params": count_trainable_params(run_dir, method),
+           "trainable_params": count_trainable_params(run.path, method),
            "paper_model": paper_row["model"] if paper_row else None,
            "paper_trainable_params": paper_row["trainable_params"] if paper_row else None,
            "paper_source": paper_row["source"] if paper_row else None}
     for key, dataset, _ in BENCHMARKS:
-        ours = read_accuracy(run_dir, dataset)
+        ours = read_accuracy(run.path, dataset)
         theirs = paper_row[key] if paper_row else None
         row[key], row[f"{key}_paper"] = ours, theirs
         row[f"{key}_diff"] = None if ours is None or theirs is None else ours - theirs
@@ -164,6 +171,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measurements_table(run_dirs: list[str | os.PathLike]) -> str:
+    """Every measurement of every run (one line per RUN/eval/<folder>/), so scores on other test files of a
+    benchmark are shown too; empty when no run was scored."""
+    lines = []
+    for d in run_dirs:
+        for m in measurements(Path(d)):
+            lines.append(f"| {Path(d).name} | {m['dataset']} | eval/{m['eval_dir']} | {m['test_file'] or 'hub'} "
+                         f"| {'–' if m['total'] is None else m['total']} | {m['accuracy']:.2f} |")
+    if not lines:
+        return ""
+    head = "| Run | Benchmark | Folder | Test file | Scored | Accuracy % |\n|---|---|---|---|---|---|\n"
+    return "\n## Every measurement\n\n" + head + "\n".join(lines) + "\n"
+
+
 def csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
@@ -175,15 +196,6 @@ def csv_text(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- training curves
 
-def read_train_log(run_dir: str | os.PathLike) -> list[dict]:
-    """The per-step records of RUN/train_log.jsonl that carry a training loss (HF Trainer log_history)."""
-    path = Path(run_dir) / "train_log.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "loss" in r and "step" in r]
-
-
 CURVES = (("loss", "training loss", "linear"), ("grad_norm", "gradient norm (before clipping)", "log"),
           ("ortho_loss", "orthonormal loss L_o", "log"))
 
@@ -194,7 +206,7 @@ def plot_training_curves(run_dirs: list[str | os.PathLike], out_png: str | os.Pa
     from .analysis import pyplot
 
     plt = pyplot()
-    logs = [read_train_log(d) for d in run_dirs]
+    logs = [RunDir(d).read_train_log() for d in run_dirs]
     labels = labels or [Path(d).name for d in run_dirs]
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8), sharex=True)
     for ax, (key, title, scale) in zip(axes, CURVES):
@@ -237,7 +249,7 @@ def build_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     markdown = ("# Results\n\nAccuracy % (GSM-8K, MATH) and pass@1 % (HumanEval); `paper` is the published "
                 f"number ({Path(paper_results).name}, sources in its `source` column), Δ = ours − paper.\n\n"
-                + markdown_table(rows))
+                + markdown_table(rows) + measurements_table(run_dirs))
     atomic_write_text(out_dir / "report.md", markdown)
     atomic_write_text(out_dir / "report.csv", csv_text(rows))
     files = [out_dir / "report.md", out_dir / "report.csv"]

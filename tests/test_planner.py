@@ -10,16 +10,17 @@ import pytest
 from transformers import LlamaConfig
 
 import run
+from sorsa.targets import LLAMA_TARGETS, RWKV_TARGETS
 from sorsa.planner import PAPER_PARAMS, STORED_CONFIGS, MODELS_DIR, plan_run, read_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # (hub id, rank, targets, RWKV?, the paper's count: PAPER.md)
 PAPER_CASES = [
-    ("meta-llama/Llama-2-7b-hf", 128, run.DEFAULT_TARGETS, False, 320e6),
-    ("mistralai/Mistral-7B-v0.1", 64, run.DEFAULT_TARGETS, False, 168e6),
-    ("google/gemma-7b", 64, run.DEFAULT_TARGETS, False, 200e6),
-    ("RWKV/v6-Finch-7B-HF", 64, run.RWKV_TARGETS, True, 176e6),
+    ("meta-llama/Llama-2-7b-hf", 128, LLAMA_TARGETS, False, 320e6),
+    ("mistralai/Mistral-7B-v0.1", 64, LLAMA_TARGETS, False, 168e6),
+    ("google/gemma-7b", 64, LLAMA_TARGETS, False, 200e6),
+    ("RWKV/v6-Finch-7B-HF", 64, RWKV_TARGETS, True, 176e6),
 ]
 
 
@@ -36,7 +37,7 @@ def test_trainable_parameters_match_the_paper_within_one_percent(model, rank, ta
 
 @pytest.mark.parametrize("model,full", [(m, p["full"]) for m, p in PAPER_PARAMS.items() if p["full"]])
 def test_full_fine_tuning_counts_match_the_paper(model, full):
-    plan = plan_run(model, method="full", target_modules=run.DEFAULT_TARGETS)
+    plan = plan_run(model, method="full", target_modules=LLAMA_TARGETS)
     assert abs(plan.trainable - full) / full < 0.001 and plan.layers == []
 
 
@@ -50,7 +51,7 @@ def test_memory_estimate_matches_a_hand_computation(tmp_path):
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     config.save_pretrained(tmp_path)
-    plan = plan_run(str(tmp_path), method="sorsa", rank=4, target_modules=run.DEFAULT_TARGETS,
+    plan = plan_run(str(tmp_path), method="sorsa", rank=4, target_modules=LLAMA_TARGETS,
                     batch_size=2, accum_steps=3, length=8, precision="bf16")
     # Per block: q 32->32, k 32->16, v 32->16, o 32->32, gate/up 32->48, down 48->32.
     assert plan.trainable == 2 * 4 * ((32 + 32 + 1) * 2 + (16 + 32 + 1) * 2 + (48 + 32 + 1) * 3) == 3768
@@ -71,14 +72,14 @@ def test_memory_estimate_matches_a_hand_computation(tmp_path):
 
     # ZeRO-3 on 4 GPUs, bf16: DeepSpeed's mixed precision (2 + 2 + 12 bytes per trainable parameter),
     # weights, gradients and optimizer state split four ways; the SORSA buffers are not partitioned.
-    z3 = plan_run(str(tmp_path), method="sorsa", rank=4, target_modules=run.DEFAULT_TARGETS, batch_size=2,
+    z3 = plan_run(str(tmp_path), method="sorsa", rank=4, target_modules=LLAMA_TARGETS, batch_size=2,
                   length=8, precision="bf16", gpus=4, deepspeed=str(ROOT / "configs/deepspeed/zero3.json"))
     assert z3.memory.gpu["weights (frozen)"] == base * 2 / 4
     assert z3.memory.gpu["weights (trainable)"] == 3768 * 2 / 4
     assert z3.memory.gpu["gradients"] == 3768 * 2 / 4
     assert z3.memory.gpu["optimizer (AdamW moments + fp32 master)"] == 3768 * 12 / 4
     assert z3.memory.gpu["SORSA initial factors U_0, S_0, Vh_0 (fp32 buffers)"] == 3768 * 4
-    off = plan_run(str(tmp_path), method="sorsa", rank=4, target_modules=run.DEFAULT_TARGETS, precision="bf16",
+    off = plan_run(str(tmp_path), method="sorsa", rank=4, target_modules=LLAMA_TARGETS, precision="bf16",
                    gpus=4, deepspeed=str(ROOT / "configs/deepspeed/zero3_offload.json"))
     assert "optimizer (AdamW moments + fp32 master)" in off.memory.cpu and "weights (frozen)" in off.memory.cpu
 

@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 import run
+from sorsa.targets import LLAMA_TARGETS
 from sorsa.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_defaults_are_the_paper_sorsa_recipe():
         (3e-5, 4e-4, 128, None, 2, 64, 1.0)
     assert (cfg.scheduler, cfg.warmup, cfg.wd, cfg.max_grad_norm, cfg.seed, cfg.length) == ("cosine", 0.03, 0.0, 1.0, 42, 512)
     assert cfg.precision == "bf16" and "tf32" in cfg.mix_precision
-    sc = cfg.sorsa_config(run.DEFAULT_TARGETS)
+    sc = cfg.sorsa_config(LLAMA_TARGETS)
     assert sc.residual_dtype == torch.bfloat16 and sc.adapter_dtype == torch.float32 and sc.scale == 1.0
 
 

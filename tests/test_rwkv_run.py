@@ -2,6 +2,7 @@
 that the `rwkv` inference package reads reproduces the merged model's logits; the RWKV test backend."""
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
@@ -10,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import run  # noqa: E402
+from sorsa.targets import RWKV_TARGETS  # noqa: E402
 from sorsa import SORSAConfig, apply_sorsa, sorsa_layers  # noqa: E402
 from sorsa.rwkv6 import RWKV6Config, RWKV6ForCausalLM, load_rwkv6  # noqa: E402
 
@@ -29,7 +31,7 @@ def test_sorsa_on_rwkv6_targets_the_eight_layers_and_keeps_the_output():
     ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(ids).logits
-    apply_sorsa(model, SORSAConfig(rank=8, target_modules=run.RWKV_TARGETS), progress=False)
+    apply_sorsa(model, SORSAConfig(rank=8, target_modules=RWKV_TARGETS), progress=False)
     names = [n for n, _ in sorsa_layers(model)]
     assert len(names) == 8 * 2 and "rwkv.blocks.1.feed_forward.receptance" in names
     with torch.no_grad():
@@ -39,7 +41,7 @@ def test_sorsa_on_rwkv6_targets_the_eight_layers_and_keeps_the_output():
 
 def test_rwkv_train_merge_pth_matches_rwkv_package_and_tests(tmp_path, rwkv_model_dir):
     rwkv_model = pytest.importorskip("rwkv.model")
-    argv = ["--config", str(run.Path(run.__file__).parent / "configs" / "quickstart_rwkv.yaml"),
+    argv = ["--config", str(Path(run.__file__).parent / "configs" / "quickstart_rwkv.yaml"),
             "--model", str(rwkv_model_dir), "--run-path", str(tmp_path / "runs"), "--cache-path", str(tmp_path / "c"),
             "--max-steps", "6", "--limit", "4", "--max-new-tokens", "24", "--lr", "5e-3"]
     assert run.main(argv) == 0

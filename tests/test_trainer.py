@@ -140,3 +140,26 @@ def test_checkpoints_hold_the_adapter_only_and_resume_is_exact(tmp_path):
             torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=0, atol=1e-6, msg=f"{n}.{f}")
     moved = max((a.U_p - a.U_0).abs().max().item() for _, a in sorsa_layers(full.model))
     assert moved > 1e-4  # training really changed the adapter
+
+
+def test_the_private_trainer_api_this_project_relies_on_still_exists(tmp_path):
+    """sorsa/trainer.py overrides `_save` and `_load_from_checkpoint`, and the DeepSpeed trainer reads
+    `loss_is_scaled_for_ga`, `model_accepts_loss_kwargs`, `compute_loss_func` and
+    `current_gradient_accumulation_steps`: a transformers release that renames any of them fails here."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save).parameters) == ["self", "output_dir", "state_dict"]
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint",
+                                                                                  "model"]
+    assert {"model", "inputs", "return_outputs", "num_items_in_batch"} <= set(
+        inspect.signature(Trainer.compute_loss).parameters)
+    assert {"model", "inputs", "num_items_in_batch"} <= set(inspect.signature(Trainer.training_step).parameters)
+    trainer = SORSATrainer(model=tiny_sorsa_model(), args=make_args(tmp_path, max_steps=1),
+                           train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    for attribute in ("loss_is_scaled_for_ga", "model_accepts_loss_kwargs", "compute_loss_func",
+                      "is_deepspeed_enabled"):
+        assert hasattr(trainer, attribute), attribute
+    trainer.train()  # set during training
+    assert trainer.current_gradient_accumulation_steps == 4

@@ -1,0 +1,163 @@
+"""The SORSA adapter file format, its only writer and reader: save, load (onto a fresh base model), resume a
+checkpoint, read one layer's factors (analysis), and export as a PEFT LoRA.
+
+A saved adapter is a directory with `adapter_model.safetensors` (per adapted layer `<layer>.U_p`, `.S_p`,
+`.Vh_p`, the trained factors, and `.U_0`, `.S_0`, `.Vh_0`, the initial ones) and `adapter_config.json`
+(format, format_version, the SORSAConfig, the layer names, and any metadata such as the base model).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from . import functional as SF
+from .config import SORSAConfig
+from .fileio import atomic_save_safetensors, atomic_write_text
+from .layer import SORSALinear
+from .model import replace_module, sorsa_layers
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "sorsa-adapter"
+ADAPTER_FORMAT_VERSION = 1
+TRAINED = ("U_p", "S_p", "Vh_p")
+INITIAL = ("U_0", "S_0", "Vh_0")
+FACTORS = TRAINED + INITIAL
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,
+                 factors: dict[str, torch.Tensor] | None = None):
+    """Write the adapter alone to directory `path`: adapter_model.safetensors + adapter_config.json.
+
+    The file holds, per adapted layer, the trained U_p, S_p, Vh_p and the initial U_0, S_0, Vh_0.
+    The initial factors define W_res = W − scale · U_0 diag(S_0) Vh_0, so `load_adapter` rebuilds the
+    trained model exactly from the base weights without running an SVD. `factors` ("<layer>.U_p" ->
+    tensor, "<layer>.U_0" -> ...) replaces some of the layers' own tensors, e.g. by float32 copies where
+    DeepSpeed holds partitioned or bf16 ones.
+    """
+    layers = sorsa_layers(model)
+    config = getattr(model, "sorsa_config", None)
+    if not layers or config is None:
+        raise ValueError("save_adapter: the model has no SORSA adapters (apply_sorsa or load_adapter first)")
+    if any(layer.merged for _, layer in layers):
+        raise ValueError("save_adapter: the adapters are merged into the weights; save before merging")
+    factors = factors or {}
+    tensors = {}
+    for name, layer in layers:
+        for f in FACTORS:
+            value = factors.get(f"{name}.{f}", getattr(layer, f))
+            if value.numel() == 0:  # a ZeRO-3 placeholder: the caller must gather or pass `factors`
+                raise ValueError(f"save_adapter: {name}.{f} is partitioned (DeepSpeed ZeRO-3); save inside "
+                                 "gathered_parameters(...) or pass the gathered tensors as `factors`")
+            tensors[f"{name}.{f}"] = value.detach().cpu().contiguous()
+    path = Path(path)
+    atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
+    info = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "config": config.to_dict(),
+            "layers": [name for name, _ in layers], **(metadata or {})}
+    atomic_write_text(path / ADAPTER_CONFIG, json.dumps(info, indent=2) + "\n")
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[SORSAConfig, dict]:
+    """The SORSAConfig and the whole JSON record of a saved adapter directory."""
+    cfg_path = Path(path) / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} does not exist: {path} is not a saved SORSA adapter")
+    info = json.loads(cfg_path.read_text())
+    if info.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{cfg_path} is not a SORSA adapter (format={info.get('format')!r})")
+    return SORSAConfig.from_dict(info["config"]), info
+
+
+class AdapterFile:
+    """A saved adapter opened for reading one layer at a time (the whole file is never loaded at once)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config, self.info = read_adapter_config(self.path)
+        self.layers: list[str] = list(self.info["layers"])
+
+    def factors(self, layer: str, device=None) -> dict[str, torch.Tensor]:
+        """{"U_p", "S_p", "Vh_p", "U_0", "S_0", "Vh_0"} of one layer, as stored (float32)."""
+        with safe_open(str(self.path / ADAPTER_WEIGHTS), framework="pt") as handle:
+            return {f: handle.get_tensor(f"{layer}.{f}").to(device) for f in FACTORS}
+
+    def weight(self, layer: str, W0: torch.Tensor) -> torch.Tensor:
+        """The trained weight W_t = W_0 − scale·U_0 diag(S_0) Vh_0 + scale·U_p diag(S_p) Vh_p, float32 (out, in),
+        from the original weight W_0 (so the residual's low-precision rounding is not counted as training)."""
+        t = self.factors(layer, W0.device)
+        scale = self.config.scale
+        return (W0.to(torch.float32) - SF.adapter_delta(t["U_0"], t["S_0"], t["Vh_0"], scale)
+                + SF.adapter_delta(t["U_p"], t["S_p"], t["Vh_p"], scale))
+
+
+@torch.no_grad()
+def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put a saved adapter onto a freshly loaded base model, in place: the trained model, exactly.
+
+    W_res is recomputed from the base weights and the stored initial factors with the same float32
+    arithmetic as the initialisation, so no SVD runs and the result does not depend on any seed.
+    """
+    config, info = read_adapter_config(path)
+    tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    modules = dict(base.named_modules())
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for name in info["layers"]:
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"adapter {path} adapts {name!r}, which is "
+                             f"{'missing from' if linear is None else 'not an nn.Linear in'} "
+                             f"{type(base).__name__}: load it onto the base model it was trained from")
+        t = {f: tensors[f"{name}.{f}"] for f in FACTORS}
+        if t["U_0"].shape != (linear.out_features, config.rank) or t["Vh_0"].shape != (config.rank, linear.in_features):
+            raise ValueError(f"adapter {path}: layer {name!r} has shape {linear.out_features}x{linear.in_features} "
+                             f"in the base model but the adapter was made for {t['U_0'].shape[0]}x{t['Vh_0'].shape[1]}")
+        layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
+        layer.set_factors(t["U_0"], t["S_0"], t["Vh_0"], config.residual_dtype)
+        layer.U_p.copy_(t["U_p"]), layer.S_p.copy_(t["S_p"]), layer.Vh_p.copy_(t["Vh_p"])
+        replace_module(base, name, layer)
+    base.sorsa_config = config
+    return base
+
+
+@torch.no_grad()
+def restore_trained_factors(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the trained U_p, S_p, Vh_p of a saved adapter (a checkpoint) into the model's SORSA layers, whose
+    W_res and initial factors already are those of the same run (resuming training)."""
+    tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    for name, layer in sorsa_layers(model):
+        for f in TRAINED:
+            getattr(layer, f).copy_(tensors[f"{name}.{f}"])
+
+
+def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None):
+    """Write the trained adapter as a PEFT LoRA adapter (rank 2r, scaling 1) for the untouched base.
+
+    ΔW = scale · (U_p S_p Vh_p − U_0 S_0 Vh_0): the change from the original weight, so
+    `peft.PeftModel.from_pretrained(base, path)` gives the trained model's outputs (up to the rounding
+    of a low-precision residual).
+    """
+    from peft import LoraConfig
+
+    layers = sorsa_layers(model)
+    if not layers:
+        raise ValueError("export_lora: the model has no SORSA adapters")
+    tensors = {}
+    for name, layer in layers:
+        B, A = SF.lora_factors(layer.U_p, layer.S_p, layer.Vh_p, layer.U_0, layer.S_0, layer.Vh_0, layer.scale)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().cpu().contiguous()  # (2r, in)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().cpu().contiguous()  # (out, 2r)
+    rank2 = 2 * layers[0][1].rank
+    lora_config = LoraConfig(r=rank2, lora_alpha=rank2, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                             target_modules=[name for name, _ in layers],
+                             base_model_name_or_path=base_model_name_or_path)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    lora_config.save_pretrained(str(path))

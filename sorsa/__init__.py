@@ -2,11 +2,11 @@
 from .adapter_io import export_lora, load_adapter, save_adapter
 from .config import SORSAConfig
 from .layer import SORSALinear
-from .model import (apply_sorsa, format_parameter_summary, merge_and_unload, orthonormal_loss, parameter_summary,
-                    sorsa_layers)
+from .model import (apply_sorsa, disable_adapter, format_parameter_summary, merge_adapter, merge_and_unload,
+                    orthonormal_loss, parameter_summary, sorsa_layers, unmerge_adapter)
 from .svd_cache import SVDCache
 
 __all__ = ["SORSAConfig", "SORSALinear", "apply_sorsa", "orthonormal_loss", "merge_and_unload", "save_adapter",
            "load_adapter", "export_lora", "parameter_summary", "format_parameter_summary", "sorsa_layers",
-           "SVDCache"]
+           "SVDCache", "merge_adapter", "unmerge_adapter", "disable_adapter"]
 __version__ = "0.1.0"

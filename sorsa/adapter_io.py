@@ -55,11 +55,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
             if value.numel() == 0:  # a ZeRO-3 placeholder: the caller must gather or pass `factors`
                 raise ValueError(f"save_adapter: {name}.{f} is partitioned (DeepSpeed ZeRO-3); save inside "
                                  "gathered_parameters(...) or pass the gathered tensors as `factors`")
-            tensors[f"{name}.{f}"] = value.detach().cpu().contiguous()
+            tensors[f"{name}.{f}"] = value
+    write_adapter(path, config, tensors, [name for name, _ in layers], metadata)
+
+
+def write_adapter(path: str | os.PathLike, config: SORSAConfig, tensors: dict[str, torch.Tensor], layers: list[str],
+                  metadata: dict | None = None) -> None:
+    """Write an adapter directory from its tensors ("<layer>.U_p", ... for every layer in `layers`)."""
+    missing = [f"{name}.{f}" for name in layers for f in FACTORS if f"{name}.{f}" not in tensors]
+    if missing:
+        raise ValueError(f"write_adapter: missing tensors {missing[:3]}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     path = Path(path)
     atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
     info = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "config": config.to_dict(),
-            "layers": [name for name, _ in layers], **(metadata or {})}
+            "layers": list(layers), **(metadata or {})}
     atomic_write_text(path / ADAPTER_CONFIG, json.dumps(info, indent=2) + "\n")
 
 

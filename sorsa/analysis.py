@@ -12,11 +12,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .adapter_io import AdapterFile
 from .config import METHOD_LABELS
-from .fileio import atomic_write_text, checkpoint_files
+from .fileio import TensorReader, atomic_write_text
 from .runs import RunDir
 from .targets import default_targets, is_target
 
@@ -68,54 +67,6 @@ def svd_variation(W0: torch.Tensor, Wt: torch.Tensor, top_k: int | None = None) 
 
 
 # ----------------------------------------------------------------------------- reading weights
-
-class TensorReader:
-    """Lazy, one-tensor-at-a-time access to the weights of a safetensors model directory (single file
-    or sharded with an index), a single safetensors file, or a directory of several safetensors."""
-
-    def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if path.is_file():
-            files = [path]
-        else:
-            files = checkpoint_files(path) or (sorted(path.glob("*.safetensors")) if path.is_dir() else [])
-        if not files:
-            raise FileNotFoundError(f"{path} holds no safetensors weights; the analysis reads safetensors "
-                                    "checkpoints (save the model with save_pretrained first)")
-        self.path = path
-        self._where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    self._where[key] = f
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(str(self._where[key]), framework="pt") as handle:
-            return tuple(handle.get_slice(key).get_shape())
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self._where:
-            raise KeyError(f"{self.path} has no tensor {key!r}")
-        with safe_open(str(self._where[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    def weight_key(self, module: str) -> str:
-        """The key of `module`'s weight: `module.weight`, or a key ending in it (a prefixed checkpoint)."""
-        key = f"{module}.weight"
-        if key in self._where:
-            return key
-        hits = [k for k in self._where if k.endswith("." + key)]
-        if len(hits) != 1:
-            raise KeyError(f"{self.path} has no weight for layer {module!r} (looked for {key!r}); "
-                           "is this the base model the run was trained from?")
-        return hits[0]
-
 
 # ----------------------------------------------------------------------------- one run
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .functional import SVD_METHODS
+from .functional import ALPHA_INIT, SVD_METHODS
 from .targets import LLAMA_TARGETS
 
 _DTYPES = {
@@ -44,6 +44,8 @@ class SORSAConfig:
 
     rank: r, the number of principal singular triplets moved into the adapter.
     alpha: scale = alpha / rank; None means scale 1, as in the paper.
+    alpha_init: how S_p starts when scale ≠ 1: "tail" (S_p = σ / scale, W_res is the SVD tail) or
+        "reference" (S_p = σ, W_res = W − scale·U σ Vh, as the authors' code); the same when alpha is None.
     dropout: dropout on the adapter's input.
     target_modules: module-name suffixes (a list) or a regex matched against the full name (a str).
     svd: "full" (torch.linalg.svd) or "randomized" (torch.svd_lowrank, seeded, `niter` iterations).
@@ -60,6 +62,7 @@ class SORSAConfig:
     seed: int = 0
     residual_dtype: torch.dtype | None = None
     adapter_dtype: torch.dtype = torch.float32
+    alpha_init: str = "tail"
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -70,6 +73,8 @@ class SORSAConfig:
             raise ValueError(f"dropout={self.dropout!r} is invalid; it must lie in [0, 1)")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"svd={self.svd!r} is unknown; use one of {list(SVD_METHODS)}")
+        if self.alpha_init not in ALPHA_INIT:
+            raise ValueError(f"alpha_init={self.alpha_init!r} is unknown; use one of {list(ALPHA_INIT)}")
         if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
             raise ValueError(f"niter={self.niter!r} is invalid; use an integer >= 0")
         if isinstance(self.target_modules, str):
@@ -117,6 +122,7 @@ TEST_DATASETS = ("gsm-8k", "math", "humaneval")
 PRECISIONS = ("bf16", "fp16", "fp32", "tf32")
 TEST_PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("auto", "hf", "vllm")
+LOSS_NORMALIZATIONS = ("reference", "tokens")
 REPORTERS = ("none", "all", "tensorboard", "wandb")
 
 
@@ -161,6 +167,8 @@ class RunConfig:
     rwkv: bool = setting(False, "the model is RWKV6 (Finch)", group=MODEL)
     rank: int = setting(128, "adapter rank r", flags=("-r",), group=MODEL)
     alpha: float | None = setting(None, "scale = alpha / r (none: scale 1)", flags=("-a",), group=MODEL)
+    alpha_init: str = setting("tail", "with alpha set: 'tail' starts S_p = sigma / scale (W_res is the SVD tail); "
+                              "'reference' starts S_p = sigma as the authors' code", choices=ALPHA_INIT, group=MODEL)
     gamma: float = setting(4e-4, "orthonormal regularizer gamma", flags=("-g",), group=MODEL)
     dropout: float = setting(0.0, "adapter dropout", flags=("-d",), group=MODEL)
     target_modules: list[str] | str | None = setting(
@@ -185,6 +193,10 @@ class RunConfig:
     epochs: float = setting(1.0, "training epochs", group=OPTIM)
     max_steps: int = setting(-1, "stop after this many optimizer steps (-1: the epochs decide)", group=OPTIM)
     max_grad_norm: float = setting(1.0, "gradient clipping (0: off)", group=OPTIM)
+    loss_normalization: str = setting(
+        "reference", "task loss over an accumulation window: 'reference' (each micro-batch's mean token loss / "
+        "accumulation steps, as the paper's runs) or 'tokens' (transformers 5: the window's token sum / its token "
+        "count)", choices=LOSS_NORMALIZATIONS, group=OPTIM)
     mix_precision: list[str] = setting(help="precision, repeatable: bf16 + tf32 is a bf16 residual with float32 "
                                        "adapters", choices=PRECISIONS, group=OPTIM, append=True,
                                        default_factory=lambda: ["bf16", "tf32"])
@@ -252,7 +264,8 @@ class RunConfig:
         residual = None if self.precision == "fp32" else parse_dtype(self.precision)
         return SORSAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                            target_modules=self.target_modules or default_targets, svd=self.svd,
-                           niter=self.svd_niter, seed=self.seed, residual_dtype=residual)
+                           niter=self.svd_niter, seed=self.seed, residual_dtype=residual,
+                           alpha_init=self.alpha_init)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,11 +1,14 @@
 """File helpers shared by the library, the CLI and the benchmarks: atomic writes (a reader never sees half a
-file), JSON lines, and the weight files of a (sharded) checkpoint directory."""
+file), JSON lines, the weight files of a (sharded) checkpoint directory, and lazy safetensors reading."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -70,3 +73,51 @@ def checkpoint_files(directory: str | os.PathLike, weights_name: str = "model.sa
         return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     single = directory / weights_name
     return [single] if single.is_file() else []
+
+
+class TensorReader:
+    """Lazy, one-tensor-at-a-time access to the weights of a safetensors model directory (single file
+    or sharded with an index), a single safetensors file, or a directory of several safetensors."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_file():
+            files = [path]
+        else:
+            files = checkpoint_files(path) or (sorted(path.glob("*.safetensors")) if path.is_dir() else [])
+        if not files:
+            raise FileNotFoundError(f"{path} holds no safetensors weights; this reads safetensors "
+                                    "checkpoints (save the model with save_pretrained first)")
+        self.path = path
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    self._where[key] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def weight_key(self, module: str) -> str:
+        """The key of `module`'s weight: `module.weight`, or a key ending in it (a prefixed checkpoint)."""
+        key = f"{module}.weight"
+        if key in self._where:
+            return key
+        hits = [k for k in self._where if k.endswith("." + key)]
+        if len(hits) != 1:
+            raise KeyError(f"{self.path} has no weight for layer {module!r} (looked for {key!r}); "
+                           "is this the base model the run was trained from?")
+        return hits[0]

@@ -22,8 +22,9 @@ def svd_top(weight: torch.Tensor, rank: int, method: str = "full", niter: int = 
     """
     if method not in SVD_METHODS:
         raise ValueError(f"svd method {method!r} is unknown; expected one of {SVD_METHODS}")
-    # The reference cast the weight with a discarded `.to(float32)` and so decomposed bf16
-    # weights in bf16; we always decompose a float32 copy.
+    # Always a float32 copy, whatever the weight's dtype. (The reference's `.to(float32)` is discarded; its
+    # SVD ran in float32 only because it loads the model in float32 first, and torch.linalg.svd would
+    # raise on a bf16 weight on the CPU.)
     w = weight.detach().to(torch.float32)  # (out, in)
     if method == "full":
         if w.shape[0] < w.shape[1]:  # a wide matrix: the SVD of its (tall) transpose is about 2x faster
@@ -60,14 +61,22 @@ def split_weight(weight: torch.Tensor, U_p: torch.Tensor, S_p: torch.Tensor, Vh_
     return (weight.detach().to(torch.float32) - adapter_delta(U_p, S_p, Vh_p, scale)).to(residual_dtype)
 
 
-def initial_adapter(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
-                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+ALPHA_INIT = ("tail", "reference")
+
+
+def initial_adapter(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float = 1.0,
+                    alpha_init: str = "tail") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adapter (U_p, S_p, Vh_p) at initialisation from the top-r SVD (U: (out, r), S: (r,), Vh: (r, in)).
 
-    S_p starts at the singular values divided by `scale`, so scale · U_p diag(S_p) Vh_p is the
-    rank-r principal part for any alpha and W_res is exactly the SVD tail.
+    "tail": S_p = S / scale, so scale · U_p diag(S_p) Vh_p is the rank-r principal part for any alpha and
+    W_res is exactly the SVD tail. "reference": S_p = S as the authors' code does, so W_res =
+    W − scale · U diag(S) Vh keeps (1 − scale) of the principal part when scale ≠ 1. Both give the same
+    function at initialisation; they differ in training when alpha ≠ r. With alpha = None (scale 1, the
+    paper's setting) they are identical.
     """
-    return U, S / scale, Vh
+    if alpha_init not in ALPHA_INIT:
+        raise ValueError(f"alpha_init={alpha_init!r} is unknown; use one of {list(ALPHA_INIT)}")
+    return U, (S / scale if alpha_init == "tail" else S), Vh
 
 
 def adapter_forward(x: torch.Tensor, U_p: torch.Tensor, S_p: torch.Tensor, Vh_p: torch.Tensor,

@@ -38,7 +38,9 @@ class SORSALinear(nn.Module):
         self.register_buffer("U_0", torch.zeros(self.out_features, rank, **factory), persistent=False)
         self.register_buffer("S_0", torch.zeros(rank, **factory), persistent=False)
         self.register_buffer("Vh_0", torch.zeros(rank, self.in_features, **factory), persistent=False)
+        self.register_buffer("W_res_kept", None, persistent=False)  # W_res while merged by merge_adapter
         self.merged = False
+        self.disabled = False  # inside disable_adapter(): the base model's output
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,14 +72,31 @@ class SORSALinear(nn.Module):
         return SF.adapter_delta(self.U_p, self.S_p, self.Vh_p, self.scale)
 
     @torch.no_grad()
-    def merge(self, dtype: torch.dtype | None = None):
-        """Fold the adapter into the base weight (float32 sum, then cast); a second call is a no-op."""
+    def merge(self, dtype: torch.dtype | None = None, keep_residual: bool = False):
+        """Fold the adapter into the base weight (float32 sum, then cast); a second call is a no-op.
+
+        keep_residual: keep W_res aside (a non-persistent buffer) so `unmerge` restores it bit for bit, as
+        `merge_adapter` does; `merge_and_unload` does not keep it.
+        """
         if self.merged:
             return
         W = self.base_layer.weight
         merged = (W.to(torch.float32) + self.delta_weight()).to(dtype or W.dtype)
+        self.register_buffer("W_res_kept", W.data if keep_residual else None, persistent=False)
         self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
         self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo `merge(keep_residual=True)`: W_res comes back exactly (the kept tensor, not a subtraction)."""
+        if not self.merged:
+            return
+        if self.W_res_kept is None:
+            raise ValueError("this layer was merged without keeping W_res (merge_and_unload); load the adapter "
+                             "onto a fresh base model instead, or merge with merge_adapter to unmerge later")
+        self.base_layer.weight = nn.Parameter(self.W_res_kept, requires_grad=False)
+        self.W_res_kept = None
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Mixed dtypes: the residual may be bf16 while the adapters are float32 (the paper's
@@ -87,6 +106,9 @@ class SORSALinear(nn.Module):
         result = self.base_layer(x if x.dtype == W.dtype else x.to(W.dtype))  # W_res x + b: (..., out)
         if self.merged:
             return result.to(x.dtype)
+        if self.disabled:  # the base model: W = W_res + scale · U_0 diag(S_0) Vh_0
+            U, S, Vh = (t.to(x.device) for t in (self.U_0, self.S_0, self.Vh_0))
+            return result.to(x.dtype) + SF.adapter_forward(x.to(U.dtype), U, S, Vh, self.scale).to(x.dtype)
         h = self.adapter_dropout(x).to(self.U_p.dtype)
         delta = SF.adapter_forward(h, self.U_p, self.S_p, self.Vh_p, self.scale)  # (..., out)
         return result.to(x.dtype) + delta.to(x.dtype)

@@ -2,6 +2,7 @@
 the orthonormal loss over all adapters, merge and unload, and parameter counts."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -74,7 +75,7 @@ def _adapt_layer(name: str, linear: nn.Linear, config: SORSAConfig, cache: SVDCa
         if is_partitioned(weight):
             factors = from_rank_zero(factors)
         layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
-        layer.set_factors(*SF.initial_adapter(*factors, config.scale), config.residual_dtype)
+        layer.set_factors(*SF.initial_adapter(*factors, config.scale, config.alpha_init), config.residual_dtype)
         del factors
         if is_partitioned(weight):
             # set_factors made W_res a new, whole parameter; put it into the partitioned one instead,
@@ -113,6 +114,41 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     if hasattr(model, "sorsa_config"):
         del model.sorsa_config
     return model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight in place, keeping the SORSA layers (and W_res aside), so that
+    `unmerge_adapter` restores the unmerged model exactly. Generation then costs one matmul per layer."""
+    for _, layer in sorsa_layers(model):
+        layer.merge(keep_residual=True)
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Undo `merge_adapter` in place: every W_res comes back bit for bit."""
+    for _, layer in sorsa_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Inside the block the model computes the base model's output, W = W_res + scale · U_0 diag(S_0) Vh_0
+    (the original weight up to the residual's rounding), while the adapters stay in place; merged layers are
+    unmerged for the block and merged again after it."""
+    layers = [layer for _, layer in sorsa_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge(keep_residual=True)
 
 
 # ----------------------------------------------------------------------------- summary

@@ -197,6 +197,7 @@ def build_training_arguments(cfg: RunConfig, run: RunDir, configured_state: bool
     on_gpu = torch.cuda.is_available()
     return SORSATrainingArguments(
         output_dir=str(run.checkpoints_dir), gamma=cfg.gamma if cfg.peft == "sorsa" else 0.0,
+        loss_normalization=cfg.loss_normalization,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.accum_steps,
         learning_rate=cfg.lr, weight_decay=cfg.wd, lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup if cfg.warmup < 1 else int(cfg.warmup),  # < 1: a ratio of the steps

@@ -39,6 +39,7 @@ class DeepSpeedSORSATrainer(SORSATrainer):
     (checked by tests/test_trainer.py)."""
 
     regularizer_as_callback = False
+    ortho_loss_fn = staticmethod(orthonormal_loss_gathered)  # collective under ZeRO-3
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

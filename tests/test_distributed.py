@@ -1,6 +1,8 @@
 """Two ranks on the CPU (gloo): `torchrun --nproc_per_node 2 run.py --train` under plain DDP and under
 DeepSpeed ZeRO-2/3 finishes, saves the adapter, and gives the adapter of one process that sees the same
-global batches (2 ranks x 4 per rank = 1 process x 8, the same seed and data order).
+global batches (2 ranks x 4 per rank = 1 process x 8, the same seed and data order) under transformers' token
+normalisation; under the reference's per-micro-batch normalisation (the default), 2 ranks x 4 x accumulation 2
+equal 1 process x 4 x accumulation 4 (the same micro-batches, each its own mean, averaged).
 
 Each run is a subprocess of the real CLI; the DeepSpeed tests are skipped where deepspeed is missing.
 Clipping is off in the comparison (--max-grad-norm 0): under DeepSpeed the regularizer's gradient is
@@ -44,7 +46,7 @@ def _argv(tmp, model_dir, name, batch_size, *extra):
             "--name", name, "--model", str(model_dir), "--run-path", str(tmp / "runs"),
             "--cache-path", str(tmp / "cache"), "--max-steps", str(STEPS), "--batch-size", str(batch_size),
             "--accum-steps", "2", "--max-grad-norm", "0", "--gamma", "0.05", "--logging-steps", "1",
-            "--save-steps", "1000", *extra]
+            "--save-steps", "1000", "--loss-normalization", "tokens", *extra]
 
 
 def _run(cmd, tmp, name):
@@ -141,3 +143,25 @@ def test_zero2_two_ranks_match_one_process(work, builtin_model_dir, single):
                                        str(ROOT / "configs" / "deepspeed" / "zero2.json"))
     _same_losses(done, run_dir, single)
     _assert_matches(adapter, single[0], "ZeRO-2")
+
+
+def _reference_pair(work, model_dir, name, *extra):
+    """The reference normalisation: 2 ranks x 4 x accumulation 2 against 1 process x 4 x accumulation 4. The
+    regularizer's coefficient is gamma / lr / accumulation steps per rank (the reference's), so the single
+    process, with twice the accumulation, needs twice the gamma for the same update."""
+    ref = ["--loss-normalization", "reference"]
+    single = _run([sys.executable, *_argv(work, model_dir, f"{name}_single", 4, *ref, "--accum-steps", "4",
+                                          "--gamma", "0.1")], work, f"{name}_single")
+    return _torchrun(work, model_dir, name, *ref, *extra), single
+
+
+def test_reference_normalisation_under_ddp_matches_one_process(work, builtin_model_dir):
+    (adapter, done, run_dir), single = _reference_pair(work, builtin_model_dir, "ddp_ref")
+    _assert_matches(adapter, single[0], "DDP, reference normalisation")
+
+
+@needs_deepspeed
+def test_reference_normalisation_under_zero2_matches_one_process(work, builtin_model_dir):
+    (adapter, done, run_dir), single = _reference_pair(work, builtin_model_dir, "zero2_ref", "--deepspeed",
+                                                       str(ROOT / "configs" / "deepspeed" / "zero2.json"))
+    _assert_matches(adapter, single[0], "ZeRO-2, reference normalisation")

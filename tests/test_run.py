@@ -172,3 +172,10 @@ def test_quickstart_config_end_to_end(tmp_path, builtin_model_dir):
                      "--cache-path", str(tmp_path / "cache")]) == 0
     again = json.loads((run_dir / "eval" / "gsm-8k" / "results.json").read_text())
     assert again["reused_generations"] == 16 and again["correct"] == results["correct"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*_7b_*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_use_the_reference_loss_normalisation(path):
+    cfg = run.resolve_config(["--config", str(path), "--train"])
+    assert cfg.loss_normalization == "reference" and cfg.alpha_init == "tail"
+    assert RunConfig().loss_normalization == "reference"  # run.py's default is the paper recipe too

@@ -163,3 +163,172 @@ def test_the_private_trainer_api_this_project_relies_on_still_exists(tmp_path):
         assert hasattr(trainer, attribute), attribute
     trainer.train()  # set during training
     assert trainer.current_gradient_accumulation_steps == 4
+
+
+# ----------------------------------------------------------------------------- loss normalisation
+
+def unequal_dataset(n=10, length=12):
+    """Rows whose label counts differ (a masked prompt of 1..9 tokens), so the two normalisations differ."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (n, length), generator=g)
+    labels = ids.clone()
+    for i in range(n):
+        labels[i, :1 + (3 * i) % 9] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(),
+                              "attention_mask": torch.ones_like(ids).tolist()})
+
+
+class BatchRecordingTrainer(SORSATrainer):
+    """Records every micro-batch in the order the Trainer used it."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.batches = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.batches.append({k: v.detach().clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _token_loss(model, batch):
+    """(sum of the next-token cross entropy over the labelled positions, their number)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+    return total, int((labels != -100).sum())
+
+
+def hand_trained_adapters(model, batches, normalization, accum, lr, max_norm, gamma):
+    """The adapters after SGD on `batches` in float64, written out from the definitions: the task gradient of
+    each window (reference: Σ_mb mean_mb / accum; tokens: Σ_mb sum_mb / window tokens), clipped to `max_norm`
+    over all adapter tensors, plus (gamma / lr / accum) ∇L_o after clipping, then p -= lr · g."""
+    model = model.double()
+    params = [p for _, layer in sorsa_layers(model) for p in (layer.U_p, layer.S_p, layer.Vh_p)]
+    for start in range(0, len(batches), accum):
+        window = batches[start:start + accum]
+        parts = [_token_loss(model, b) for b in window]
+        if normalization == "reference":
+            task = sum(total / count for total, count in parts) / accum
+        else:
+            task = sum(total for total, _ in parts) / sum(count for _, count in parts)
+        grads = list(torch.autograd.grad(task, params))
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        factor = min(1.0, max_norm / (norm.item() + 1e-6))
+        grads = [g * factor for g in grads]
+        reg = reference_ortho_grads(model)  # (U_p, Vh_p) per layer, float64
+        coef = gamma / lr / accum
+        for i, r in enumerate(reg):  # params are (U, S, Vh) per layer; reg is (U, Vh) per layer
+            grads[3 * (i // 2) + (0 if i % 2 == 0 else 2)] += coef * r
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * g
+    return {f"{n}.{f}": getattr(layer, f).detach().clone() for n, layer in sorsa_layers(model)
+            for f in ("U_p", "S_p", "Vh_p")}
+
+
+@pytest.mark.parametrize("normalization", ["reference", "tokens"])
+def test_loss_normalisation_equals_a_float64_hand_computation(tmp_path, normalization):
+    """Accumulation 4 over 5 micro-batches of unequal label counts (a full window, then a partial one), clipping
+    active: the adapter after the two steps equals the float64 computation of the chosen normalisation and
+    differs from the other one's."""
+    import copy
+
+    lr, max_norm, gamma, accum = 1.0, 0.02, 0.1, 4
+    model = tiny_sorsa_model()
+    with torch.no_grad():  # off the Stiefel manifold: at L_o ≈ 0 the gradient of the unsquared norm is float noise
+        for _, layer in sorsa_layers(model):
+            layer.U_p.mul_(1.1), layer.Vh_p.mul_(0.9)
+    start = copy.deepcopy(model)
+    args = make_args(tmp_path, optim="sgd", learning_rate=lr, max_grad_norm=max_norm, gamma=gamma, max_steps=-1,
+                     num_train_epochs=1, gradient_accumulation_steps=accum, loss_normalization=normalization)
+    trainer = BatchRecordingTrainer(model=model, args=args, train_dataset=unequal_dataset(),
+                                    data_collator=default_data_collator)
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(trainer.batches) == 5
+    norms = [r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r]
+    assert len(norms) == 2 and min(norms) > max_norm  # clipping was active on both steps
+    trained = {f"{n}.{f}": getattr(layer, f).detach().double() for n, layer in sorsa_layers(trainer.model)
+               for f in ("U_p", "S_p", "Vh_p")}
+    other = "tokens" if normalization == "reference" else "reference"
+    expected = hand_trained_adapters(copy.deepcopy(start), trainer.batches, normalization, accum, lr, max_norm, gamma)
+    alternative = hand_trained_adapters(copy.deepcopy(start), trainer.batches, other, accum, lr, max_norm, gamma)
+    diff = max((trained[k] - expected[k]).abs().max().item() for k in trained)
+    gap = max((alternative[k] - expected[k]).abs().max().item() for k in trained)
+    moved = max((expected[k] - getattr(dict(sorsa_layers(start))[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1])
+                 .double()).abs().max().item() for k in expected)
+    assert moved > 5e-3  # two real steps
+    assert diff < 2e-6, f"{normalization}: trainer vs float64 hand computation differ by {diff:.2e}"
+    assert gap > 100 * 2e-6, f"the two normalisations differ by only {gap:.2e} here"
+
+
+def test_fp16_loss_scale_is_applied_to_the_regularizer_gradient_too(tmp_path):
+    """fp16 with a loss scaler and no clipping: the gradients are still scaled when the regularizer adds its
+    term, so the term must be scaled too; the optimizer then sees task gradient + coef · ∇L_o. Autocast
+    fp16 runs on the CPU but accelerate makes no scaler there, so the test installs one."""
+    from transformers import TrainerCallback
+
+    scale = 1024.0
+
+    class Before(TrainerCallback):
+        def __init__(self):
+            self.grads = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads.append([p.grad.detach().clone() for _, l in sorsa_layers(model) for p in (l.U_p, l.Vh_p)])
+
+    model = tiny_sorsa_model()
+    with torch.no_grad():  # off the manifold, where ∇L_o is well defined in float32
+        for _, layer in sorsa_layers(model):
+            layer.U_p.mul_(1.3), layer.Vh_p.mul_(0.8)
+    # SGD: the scaler unscales before the step (a fused AdamW would unscale inside its own kernel)
+    args = make_args(tmp_path, fp16=True, max_grad_norm=0.0, max_steps=1, gamma=0.5, optim="sgd")
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    before = Before()
+    trainer.callback_handler.callbacks.insert(0, before)  # sees the gradients before the regularizer
+    assert trainer._unapplied_grad_scale() == scale
+    trainer.train()
+    coef = 0.5 / 1e-3 / 4
+    assert len(trainer.seen) == 1
+    for b, s, r in zip(before.grads[0], trainer.seen[0], trainer.expected_reg[0]):
+        expected = b.double() / scale + coef * r
+        torch.testing.assert_close(s.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+        assert (coef * r).abs().max() > 1e-3
+    # with clipping the Trainer unscales first, so nothing is applied twice
+    clipped = SORSATrainer(model=tiny_sorsa_model(), args=make_args(tmp_path / "c", fp16=True, max_grad_norm=1.0),
+                           train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    clipped.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    assert clipped._unapplied_grad_scale() == 1.0
+
+
+def test_gamma_zero_still_logs_the_orthonormality(tmp_path):
+    """An ablation without the regularizer still logs L_o at every step, so it shows the drift."""
+    from transformers import TrainerCallback
+
+    class Measure(TrainerCallback):
+        values = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.values.append(reference_ortho_value(model))
+
+    trainer = SORSATrainer(model=tiny_sorsa_model(), args=make_args(tmp_path, gamma=0.0, max_steps=3,
+                                                                    learning_rate=5e-2),
+                           train_dataset=tiny_dataset(), data_collator=default_data_collator)
+    trainer.callback_handler.callbacks.insert(0, Measure())
+    trainer.train()
+    assert trainer.regularizer is None
+    logged = [r["ortho_loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(logged) == 3
+    for value, expected in zip(logged, Measure.values):
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert logged[-1] > 100 * logged[0] and logged[-1] > 1e-3  # the adapters drift off orthonormal
+
+
+def reference_ortho_value(model) -> float:
+    terms = []
+    for _, layer in sorsa_layers(model):
+        U, Vh = layer.U_p.detach().double(), layer.Vh_p.detach().double()
+        eye = torch.eye(U.shape[1], dtype=torch.double)
+        terms += [((U.T @ U - eye) ** 2).sum().sqrt(), ((Vh @ Vh.T - eye) ** 2).sum().sqrt()]
+    return torch.stack(terms).mean().item()

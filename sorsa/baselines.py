@@ -21,12 +21,15 @@ def peft_init(method: str, svd: str = "full", niter: int = 4):
 
 
 def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules: list[str] | str,
-                        dropout: float = 0.0, svd: str = "full", niter: int = 4):
-    """Wrap `model` in a peft LoRA/PiSSA model with rank r, alpha r and the given targets."""
+                        dropout: float = 0.0, svd: str = "full", niter: int = 4, task_type: str = "CAUSAL_LM",
+                        modules_to_save: list[str] | None = None):
+    """Wrap `model` in a peft LoRA/PiSSA model with rank r, alpha r and the given targets; `task_type`
+    "SEQ_CLS" with `modules_to_save` (peft's own: trained fully, saved with the adapter) for a classifier."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=target_modules,
-                        bias="none", task_type="CAUSAL_LM", init_lora_weights=peft_init(method, svd, niter))
+                        bias="none", task_type=task_type, init_lora_weights=peft_init(method, svd, niter),
+                        modules_to_save=modules_to_save)
     return get_peft_model(model, config)
 
 

@@ -50,3 +50,20 @@ def save_peft_adapter(peft_model, adapter_dir: str | os.PathLike, init_dir: str 
     if init_dir is not None and Path(init_dir).is_dir():
         kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
     peft_model.save_pretrained(str(adapter_dir), **kwargs)
+    if kwargs:
+        _restore_modules_to_save(peft_model, adapter_dir)
+
+
+def _restore_modules_to_save(peft_model, adapter_dir: str | os.PathLike):
+    """Put the trained `modules_to_save` (a classifier's head) into a converted PiSSA adapter: peft's PiSSA-to-LoRA
+    conversion (0.21) writes the LoRA tensors only, and the adapter would not load (or would lose the head)."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .fileio import atomic_save_safetensors
+
+    extra = {k: v for k, v in get_peft_model_state_dict(peft_model).items() if ".lora_" not in k}
+    if extra:
+        path = Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME
+        tensors = {**load_file(str(path)), **{k: v.detach().cpu().contiguous() for k, v in extra.items()}}
+        atomic_save_safetensors(tensors, path, metadata={"format": "pt"})

@@ -293,9 +293,9 @@ def test(cfg: RunConfig) -> dict:
     """Generate greedily on cfg.test_dataset (or, for a GLUE task, classify) and score it into
     RUN/eval/<dataset>/ (resumable); a measurement with other settings (another test file, length,
     precision...) gets its own folder beside it."""
-    from eval.benchmarks import get_benchmark
+    from eval.benchmarks import default_max_new_tokens, get_benchmark
     from eval.generate import make_generator, resolve_backend
-    from eval.runner import MAX_NEW_TOKENS, STOP_STRINGS, evaluate
+    from eval.runner import STOP_STRINGS, evaluate
 
     run = run_dir(cfg.run_path, cfg.name)
     if run.merged_dir.is_dir():
@@ -310,7 +310,7 @@ def test(cfg: RunConfig) -> dict:
     if is_glue(dataset) or (run.is_done() and is_glue(cfg.train_dataset)):
         measure, make_predictor = _classifier_measure(cfg, run, model_path, test_file)
     else:
-        max_new_tokens = cfg.max_new_tokens or MAX_NEW_TOKENS[dataset]
+        max_new_tokens = cfg.max_new_tokens or default_max_new_tokens(dataset)
         backend = "rwkv" if cfg.rwkv else resolve_backend(cfg.backend)
         measure = {"model": model_path, "backend": backend, "max_new_tokens": max_new_tokens,
                    "precision": cfg.test_precision, "test_file": test_file, "greedy": True}

@@ -104,7 +104,7 @@ def _logits(model, tokenizer, task):
 # ----------------------------------------------------------------------------- train -> merge -> reload -> test
 
 @pytest.mark.parametrize("arch,method,task", [("deberta", "sorsa", "glue-mnli"), ("roberta", "lora", "glue-sst2"),
-                                              ("roberta", "sorsa", "glue-stsb")])
+                                              ("roberta", "sorsa", "glue-stsb"), ("deberta", "pissa", "glue-rte")])
 def test_train_merge_reload_matches_adapter_logits(tmp_path, encoders, arch, method, task):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

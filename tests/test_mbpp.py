@@ -9,7 +9,7 @@ import pytest
 
 import run
 from eval import mbpp, score
-from eval.benchmarks import MAX_NEW_TOKENS, STOP_STRINGS, get_benchmark
+from eval.benchmarks import STOP_STRINGS, default_max_new_tokens, get_benchmark
 
 # In the hub's schema and style (\r\n line ends and tabs in `code`, as the dataset has them).
 PROBLEMS = [
@@ -62,7 +62,7 @@ def test_only_the_test_task_ids_load_in_order(problems_file, tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in OTHERS))
     with pytest.raises(ValueError, match="no MBPP test problem"):
         mbpp.load_examples(tmp_path / "train.jsonl")
-    assert get_benchmark("mbpp") is mbpp and MAX_NEW_TOKENS["mbpp"] == 2048 and "@@ Instruction" in STOP_STRINGS["mbpp"]
+    assert get_benchmark("mbpp") is mbpp and default_max_new_tokens("mbpp") == 2048 and "@@ Instruction" in STOP_STRINGS["mbpp"]
 
 
 def test_prompt_is_the_instruction_template_with_text_and_tests(problems_file):

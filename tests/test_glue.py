@@ -282,3 +282,15 @@ def test_every_glue_config_loads(path):
     assert yaml.safe_load(text)["train_dataset"] == f"glue-{task}"
     if method in ("lora", "pissa", "sorsa"):
         assert cfg.rank == 8
+
+
+def test_eval_score_scores_a_file_of_glue_predictions(tmp_path, capsys):
+    from eval import score
+
+    rows = [{"sentence1": "a", "sentence2": "b", "label": y} for y in [1, 0, 1, 1, 0, 0]]
+    data = _write_rows(tmp_path / "mrpc.jsonl", rows)
+    gens = tmp_path / "preds.jsonl"
+    gens.write_text("".join(json.dumps({"id": i, "completion": str(p)}) + "\n" for i, p in enumerate([1, 0, 0, 1, 1, 0])))
+    assert score.main(["--test-dataset", "glue-mrpc", "--generations", str(gens), "--test-file", str(data)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["correct"], summary["total"]) == (4, 6) and summary["f1"] == pytest.approx(2 / 3)

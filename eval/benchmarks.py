@@ -1,4 +1,4 @@
-"""The benchmark registry: one module per benchmark, each with the same five functions.
+"""The benchmark registry: one module per benchmark (GLUE: one object per task), each with the same five functions.
 
 `load_examples(test_file) -> list[Example]`, `prompt(example) -> str`,
 `score(examples, completions, **options) -> list[verdict dict]` (every verdict has `extracted` and
@@ -9,18 +9,27 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gsm8k, hendrycks_math, humaneval
+from . import glue, gsm8k, hendrycks_math, humaneval, mbpp
 
-BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (gsm8k, hendrycks_math, humaneval)}
+BENCHMARKS: dict[str, ModuleType | glue.GlueBenchmark] = {
+    m.NAME: m for m in (gsm8k, hendrycks_math, humaneval, mbpp)}
+BENCHMARKS.update(glue.BENCHMARKS)  # "glue-sst2", ...: a classifier's predictions (eval/classify.py), not generations
 # Paper protocol (../shared/PAPER.md, "Evaluation protocol"): max new tokens per benchmark.
 MAX_NEW_TOKENS = {"gsm-8k": 1024, "math": 2048, "humaneval": 2048}
+# Generation benchmarks beyond the paper's table: MBPP generates code as HumanEval does.
+MORE_MAX_NEW_TOKENS = {"mbpp": 2048}
 # Where a completion ends: the start of a new instruction in the benchmark's prompt format.
 STOP_STRINGS = {"gsm-8k": ("### Instruction",), "math": ("### Instruction",),
-                "humaneval": ("### Instruction", "@@ Instruction")}
+                "humaneval": ("### Instruction", "@@ Instruction"), "mbpp": ("### Instruction", "@@ Instruction")}
 
 
 def get_benchmark(name: str) -> ModuleType:
-    """The benchmark module for "gsm-8k", "math" or "humaneval"."""
+    """The benchmark for "gsm-8k", "math", "humaneval", "mbpp" or a GLUE task ("glue-sst2", ...)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown test dataset {name!r}; expected one of {', '.join(BENCHMARKS)}")
     return BENCHMARKS[name]
+
+
+def default_max_new_tokens(name: str) -> int:
+    """The max new tokens of a generation benchmark when --max-new-tokens is not given."""
+    return {**MAX_NEW_TOKENS, **MORE_MAX_NEW_TOKENS}[name]

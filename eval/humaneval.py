@@ -85,6 +85,13 @@ def score(examples: list[Example], completions: list[str], workers: int = DEFAUL
     """Verdicts for completions[i] on examples[i]: each program runs in its own sandbox, `workers` at once."""
     codes = [extract_code(c) for c in completions]
     programs = [build_program(ex.meta, code) for ex, code in zip(examples, codes, strict=True)]
+    return sandbox_verdicts(codes, programs, limits, workers)
+
+
+def sandbox_verdicts(codes: list[str], programs: list[str], limits: SandboxLimits | None = None,
+                     workers: int = DEFAULT_WORKERS) -> list[dict]:
+    """Run each program in its own sandbox (`workers` at once); the verdict holds the extracted code, whether
+    it passed, the sandbox status and isolation layers, and the tail of stderr when it failed."""
     results = run_many(programs, limits or SandboxLimits(), workers=workers)
     verdicts = []
     for code, result in zip(codes, results):

@@ -2,7 +2,8 @@
 
     python -m eval.score --test-dataset gsm-8k --generations gens.jsonl --test-file ../shared/data/gsm8k_test.jsonl
 
-Each input line is {"id": <row index in the test data, or the HumanEval task_id>, "completion": "..."}.
+Each input line is {"id": <row index in the test data, or the HumanEval / MBPP task_id>, "completion": "..."};
+for a GLUE task the completion is the predicted label (or STS-B score).
 Writes one verdict per line to <input>.scored.jsonl (next to the input) and prints, as its last line, a JSON
 object with `accuracy`, `correct` and `total` (accuracy = correct / lines scored). The scorers are the
 ones generation uses (`eval.benchmarks`). Bad input: one error line on stderr, exit status 2.
@@ -48,10 +49,11 @@ def _lookup(examples: list, dataset: str, raw_id, line: int, source: str):
         index = int(raw_id)
         if index in by_id:
             return by_id[index]
-    if isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id < len(examples):
+    by_position = dataset != "mbpp"  # MBPP's ids are task_ids (11-510), never positions
+    if by_position and isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id < len(examples):
         return examples[raw_id]  # HumanEval by position
-    expected = ("a HumanEval task_id such as 'HumanEval/0'" if dataset == "humaneval"
-                else f"a row index 0..{len(examples) - 1}")
+    expected = {"humaneval": "a HumanEval task_id such as 'HumanEval/0'",
+                "mbpp": "an MBPP task_id 11..510"}.get(dataset, f"a row index 0..{len(examples) - 1}")
     raise ValueError(f"line {line}: id {raw_id!r} is not in the {dataset} test data ({source}); expected {expected}")
 
 

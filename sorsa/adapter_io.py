@@ -4,6 +4,8 @@ checkpoint, read one layer's factors (analysis), and export as a PEFT LoRA.
 A saved adapter is a directory with `adapter_model.safetensors` (per adapted layer `<layer>.U_p`, `.S_p`,
 `.Vh_p`, the trained factors, and `.U_0`, `.S_0`, `.Vh_0`, the initial ones) and `adapter_config.json`
 (format, format_version, the SORSAConfig, the layer names, and any metadata such as the base model).
+Modules trained fully beside the adapters (a classification head, `modules_to_save`) add their whole state
+as `modules_to_save.<module>.<tensor>` and their names under "modules_to_save" in the JSON.
 """
 from __future__ import annotations
 
@@ -29,6 +31,54 @@ ADAPTER_FORMAT_VERSION = 1
 TRAINED = ("U_p", "S_p", "Vh_p")
 INITIAL = ("U_0", "S_0", "Vh_0")
 FACTORS = TRAINED + INITIAL
+# Modules trained fully and saved whole: the JSON key, the tensor-name prefix, and the model attribute naming them.
+MODULES_TO_SAVE = "modules_to_save"
+MODULES_TO_SAVE_ATTR = "sorsa_modules_to_save"
+
+
+def set_modules_to_save(model: nn.Module, names: list[str]) -> nn.Module:
+    """Train the modules `names` (e.g. a new classification head) fully next to the SORSA adapters, in place:
+    their parameters become trainable and `save_adapter` stores them whole. A module that holds a SORSA
+    layer is refused (its weights would be both adapted and saved)."""
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"modules_to_save: {type(model).__name__} has no module {name!r}") from None
+        inner = [n for n, m in module.named_modules() if isinstance(m, SORSALinear)]
+        if inner:
+            raise ValueError(f"modules_to_save: {name!r} holds SORSA layer(s) {inner}; remove it from "
+                             "modules_to_save or its layers from target_modules")
+        for p in module.parameters():
+            p.requires_grad_(True)
+    setattr(model, MODULES_TO_SAVE_ATTR, list(names))
+    return model
+
+
+def _module_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state of every module to save, under `modules_to_save.<module>.<tensor>`."""
+    tensors = {}
+    for name in getattr(model, MODULES_TO_SAVE_ATTR, []):
+        for key, value in model.get_submodule(name).state_dict().items():
+            if value.numel() == 0:  # a ZeRO-3 placeholder
+                raise ValueError(f"save_adapter: {name}.{key} is partitioned (DeepSpeed ZeRO-3); modules_to_save "
+                                 "are saved from whole parameters only")
+            tensors[f"{MODULES_TO_SAVE}.{name}.{key}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+@torch.no_grad()
+def _restore_modules(model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Load the saved state of each module to save, in the dtype it was trained in (float32 over a bf16 base)."""
+    for name in names:
+        prefix = f"{MODULES_TO_SAVE}.{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module = model.get_submodule(name)
+        floating = [v.dtype for v in state.values() if v.is_floating_point()]
+        if floating:
+            module.to(dtype=floating[0])
+        module.load_state_dict(state, strict=True)
+    setattr(model, MODULES_TO_SAVE_ATTR, list(names))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,
@@ -56,12 +106,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | Non
                 raise ValueError(f"save_adapter: {name}.{f} is partitioned (DeepSpeed ZeRO-3); save inside "
                                  "gathered_parameters(...) or pass the gathered tensors as `factors`")
             tensors[f"{name}.{f}"] = value
-    write_adapter(path, config, tensors, [name for name, _ in layers], metadata)
+    tensors.update(_module_tensors(model))
+    write_adapter(path, config, tensors, [name for name, _ in layers], metadata,
+                  modules_to_save=list(getattr(model, MODULES_TO_SAVE_ATTR, None) or []))
 
 
 def write_adapter(path: str | os.PathLike, config: SORSAConfig, tensors: dict[str, torch.Tensor], layers: list[str],
-                  metadata: dict | None = None) -> None:
-    """Write an adapter directory from its tensors ("<layer>.U_p", ... for every layer in `layers`)."""
+                  metadata: dict | None = None, modules_to_save: list[str] | None = None) -> None:
+    """Write an adapter directory from its tensors ("<layer>.U_p", ... for every layer in `layers`, and the
+    whole state of each module in `modules_to_save` under "modules_to_save.<module>.")."""
     missing = [f"{name}.{f}" for name in layers for f in FACTORS if f"{name}.{f}" not in tensors]
     if missing:
         raise ValueError(f"write_adapter: missing tensors {missing[:3]}")
@@ -70,6 +123,8 @@ def write_adapter(path: str | os.PathLike, config: SORSAConfig, tensors: dict[st
     atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
     info = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "config": config.to_dict(),
             "layers": list(layers), **(metadata or {})}
+    if modules_to_save:
+        info[MODULES_TO_SAVE] = list(modules_to_save)
     atomic_write_text(path / ADAPTER_CONFIG, json.dumps(info, indent=2) + "\n")
 
 
@@ -132,6 +187,8 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         layer.set_factors(t["U_0"], t["S_0"], t["Vh_0"], config.residual_dtype)
         layer.U_p.copy_(t["U_p"]), layer.S_p.copy_(t["S_p"]), layer.Vh_p.copy_(t["Vh_p"])
         replace_module(base, name, layer)
+    if info.get(MODULES_TO_SAVE):
+        _restore_modules(base, tensors, info[MODULES_TO_SAVE])
     base.sorsa_config = config
     return base
 
@@ -144,6 +201,10 @@ def restore_trained_factors(model: nn.Module, path: str | os.PathLike) -> None:
     for name, layer in sorsa_layers(model):
         for f in TRAINED:
             getattr(layer, f).copy_(tensors[f"{name}.{f}"])
+    for name in getattr(model, MODULES_TO_SAVE_ATTR, []):  # the head trained beside the adapters
+        prefix = f"{MODULES_TO_SAVE}.{name}."
+        for key, value in model.get_submodule(name).state_dict(keep_vars=True).items():
+            value.copy_(tensors[prefix + key])
 
 
 def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None):
@@ -158,6 +219,9 @@ def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     layers = sorsa_layers(model)
     if not layers:
         raise ValueError("export_lora: the model has no SORSA adapters")
+    if getattr(model, MODULES_TO_SAVE_ATTR, None):
+        raise ValueError("export_lora: the model trains modules besides its adapters (modules_to_save, e.g. a "
+                         "classification head), which a LoRA file does not hold; use the merged checkpoint")
     tensors = {}
     for name, layer in layers:
         B, A = SF.lora_factors(layer.U_p, layer.S_p, layer.Vh_p, layer.U_0, layer.S_0, layer.Vh_0, layer.scale)

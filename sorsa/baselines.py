@@ -21,12 +21,15 @@ def peft_init(method: str, svd: str = "full", niter: int = 4):
 
 
 def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules: list[str] | str,
-                        dropout: float = 0.0, svd: str = "full", niter: int = 4):
-    """Wrap `model` in a peft LoRA/PiSSA model with rank r, alpha r and the given targets."""
+                        dropout: float = 0.0, svd: str = "full", niter: int = 4, task_type: str = "CAUSAL_LM",
+                        modules_to_save: list[str] | None = None):
+    """Wrap `model` in a peft LoRA/PiSSA model with rank r, alpha r and the given targets; `task_type`
+    "SEQ_CLS" with `modules_to_save` (peft's own: trained fully, saved with the adapter) for a classifier."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=target_modules,
-                        bias="none", task_type="CAUSAL_LM", init_lora_weights=peft_init(method, svd, niter))
+                        bias="none", task_type=task_type, init_lora_weights=peft_init(method, svd, niter),
+                        modules_to_save=modules_to_save)
     return get_peft_model(model, config)
 
 
@@ -47,3 +50,20 @@ def save_peft_adapter(peft_model, adapter_dir: str | os.PathLike, init_dir: str 
     if init_dir is not None and Path(init_dir).is_dir():
         kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
     peft_model.save_pretrained(str(adapter_dir), **kwargs)
+    if kwargs:
+        _restore_modules_to_save(peft_model, adapter_dir)
+
+
+def _restore_modules_to_save(peft_model, adapter_dir: str | os.PathLike):
+    """Put the trained `modules_to_save` (a classifier's head) into a converted PiSSA adapter: peft's PiSSA-to-LoRA
+    conversion (0.21) writes the LoRA tensors only, and the adapter would not load (or would lose the head)."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .fileio import atomic_save_safetensors
+
+    extra = {k: v for k, v in get_peft_model_state_dict(peft_model).items() if ".lora_" not in k}
+    if extra:
+        path = Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME
+        tensors = {**load_file(str(path)), **{k: v.detach().cpu().contiguous() for k, v in extra.items()}}
+        atomic_save_safetensors(tensors, path, metadata={"format": "pt"})

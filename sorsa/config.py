@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .functional import ALPHA_INIT, SVD_METHODS
+from .glue import GLUE_TASKS, GLUE_TRAIN_TASKS, is_glue
 from .targets import LLAMA_TARGETS
 
 _DTYPES = {
@@ -117,8 +118,9 @@ class SORSAConfig:
 PEFT_METHODS = ("sorsa", "lora", "pissa", "full")
 # How each method is named in tables and figures.
 METHOD_LABELS = {"sorsa": "SORSA", "pissa": "PiSSA", "lora": "LoRA", "full": "Full FT"}
-TRAIN_DATASETS = ("metamath", "code")
-TEST_DATASETS = ("gsm-8k", "math", "humaneval")
+# GLUE tasks ("glue-sst2", ...) train and score a sequence classifier (sorsa/glue.py); the rest generate.
+TRAIN_DATASETS = ("metamath", "code") + GLUE_TRAIN_TASKS
+TEST_DATASETS = ("gsm-8k", "math", "humaneval", "mbpp") + tuple(GLUE_TASKS)
 PRECISIONS = ("bf16", "fp16", "fp32", "tf32")
 TEST_PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("auto", "hf", "vllm")
@@ -176,6 +178,9 @@ class RunConfig:
         group=MODEL)
     svd: str = setting("full", "SVD for the initialisation", choices=SVD_METHODS, group=MODEL)
     svd_niter: int = setting(4, "subspace iterations of the randomized SVD", group=MODEL)
+    modules_to_save: list[str] | None = setting(
+        None, "modules trained fully and saved with the adapter (a sequence classifier's new head always is)",
+        group=MODEL)
     # data
     train_dataset: str = setting("metamath", "training set", choices=TRAIN_DATASETS, group=OPTIM)
     split: str | None = setting("[:100000]", "slice of the train split, e.g. '[:100000]'", group=OPTIM)
@@ -214,7 +219,7 @@ class RunConfig:
     test_precision: str = setting("bf16", "generation precision", choices=TEST_PRECISIONS, group=EVAL,
                                   training=False)
     valid_batch_size: int = setting(8, "generation batch", group=EVAL, training=False)
-    max_new_tokens: int | None = setting(None, "none: 1024 (gsm-8k), 2048 (math, humaneval)", group=EVAL,
+    max_new_tokens: int | None = setting(None, "none: 1024 (gsm-8k), 2048 (math, humaneval, mbpp)", group=EVAL,
                                          training=False)
     limit: int | None = setting(None, "score the first N examples only", group=EVAL, training=False)
     backend: str = setting("auto", "generation backend", choices=BACKENDS, group=EVAL, training=False)
@@ -253,6 +258,8 @@ class RunConfig:
         check(self.limit is None or self.limit >= 1, f"limit={self.limit!r} must be >= 1")
         bad = [n for n in str(self.report_to).split(",") if n.strip() not in REPORTERS]
         check(not bad, f"report_to {bad} is not supported here; use none, tensorboard or wandb (comma-separated)")
+        check(not (self.rwkv and is_glue(self.train_dataset)),
+              f"train_dataset={self.train_dataset!r} trains a sequence classifier; RWKV6 has no classification head")
 
     @property
     def precision(self) -> str:

@@ -34,6 +34,21 @@ HUMANEVAL_TEST_PROMPT = (
     "This code block should be in the following format:\n'''python\n# Your codes here\n'''\n\n"
     "@@ Response\n"
 )
+# Test, MBPP: the "@@ Instruction" MBPP instruction of the code-evaluation family whose HumanEval member is the
+# prompt above (OpenCodeInterpreter/OpenCodeInterpreter, evaluation/evaluate/single_turn/
+# gen_plus_solution_singleround.py, `build_mbpp_instruction`; PiSSA evaluates MBPP with that family's prompts,
+# which ship inside its hub dataset fxmeng/pissa-dataset and could not be read offline). Without that script's
+# system sentence and with the reference's ''' fences, as in the HumanEval prompt; {problem} is the problem's
+# text followed by its test asserts, one per line (the "test examples").
+MBPP_TEST_PROMPT = (
+    "@@ Instruction\nHere is the given problem and test examples:\n{problem}\n\n"
+    "Please use the python programming language to solve this problem.\n"
+    "Please make sure that your code includes the functions from the test samples and that the input and output "
+    "formats of these functions match the test samples.\n\n"
+    "Please return all completed codes in one code block.\n"
+    "This code block should be in the following format:\n'''python\n# Your codes here\n'''\n\n"
+    "@@ Response\n"
+)
 ANSWER_CUE = "The answer is: "
 
 
@@ -45,6 +60,11 @@ def math_test_prompt(question: str) -> str:
 def humaneval_test_prompt(prompt: str) -> str:
     """The HumanEval test prompt for one problem's prompt (function signature + docstring)."""
     return HUMANEVAL_TEST_PROMPT.format(prompt=prompt)
+
+
+def mbpp_test_prompt(text: str, tests: list[str]) -> str:
+    """The MBPP test prompt for one problem: its description, then its test asserts one per line."""
+    return MBPP_TEST_PROMPT.format(problem="\n".join([text.strip(), *tests]))
 
 
 # ---------------------------------------------------------------------------------------------

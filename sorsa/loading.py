@@ -90,21 +90,34 @@ def load_tokenizer(cfg, name: str | None = None):
     return tok
 
 
-def load_model(cfg, dtype: torch.dtype, name: str | None = None):
-    """The run's causal LM (cfg: a RunConfig) in `dtype`, on the GPU when there is one (DeepSpeed places
-    it itself)."""
+def model_class(cfg) -> tuple[type, dict]:
+    """The auto class of a run's model and its extra arguments: a sequence classifier with the task's label
+    count for a GLUE run (sorsa/glue.py; num_labels 1 is regression), else a causal LM."""
+    from .glue import glue_task, is_glue
+
+    if is_glue(cfg.train_dataset):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification, {"num_labels": glue_task(cfg.train_dataset).num_labels}
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM, {}
+
+
+def load_model(cfg, dtype: torch.dtype, name: str | None = None):
+    """The run's causal LM, or its sequence classifier (`model_class`), (cfg: a RunConfig) in `dtype`, on the
+    GPU when there is one (DeepSpeed places it itself)."""
     name = resolve_model_name(name or cfg.model, cfg.cache_path, cfg.run_path)
     if cfg.rwkv:
         from .rwkv6 import load_rwkv6
 
         model = load_rwkv6(local_snapshot(name, cfg.cache_path, cfg.local), dtype=dtype)
     else:
+        auto_class, extra = model_class(cfg)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_path,
-                                                         local_files_only=cfg.local,
-                                                         trust_remote_code=cfg.trust_remote_code)
+            model = auto_class.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_path,
+                                               local_files_only=cfg.local,
+                                               trust_remote_code=cfg.trust_remote_code, **extra)
         except (OSError, ValueError) as err:
             raise hub_error(name, err) from None
     if torch.cuda.is_available() and not cfg.deepspeed:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, dtype_name, load_yaml
+from .glue import glue_task, is_glue
 from .loading import hub_error, load_model, load_tokenizer, precision_dtype, resolve_data_file, resolve_model_name
 from .runs import RESULTS, RunDir, run_dir
 from .targets import default_targets
@@ -45,6 +46,8 @@ def resolve_config(overrides: dict, config_file: str | None = None, require_acti
             merged = {**saved, **merged}
     if merged.get("rwkv") and "target_modules" not in merged:
         merged["target_modules"] = default_targets(rwkv=True)
+    if is_glue(merged.get("train_dataset")) and "test_dataset" not in merged:
+        merged["test_dataset"] = merged["train_dataset"]  # a GLUE classifier is scored on its own task
     cfg = RunConfig.from_mapping(merged, source=config_file or "command line")
     if cfg.test and not cfg.name:  # scoring --model directly: a run named after the model
         cfg.name = "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model.strip("/")).strip("._")[-80:]
@@ -113,6 +116,11 @@ def _training_data(cfg: RunConfig):
 
     tokenizer = load_tokenizer(cfg)
     train_file = resolve_data_file(cfg.train_file, cfg.cache_path, cfg.run_path, "train")
+    if is_glue(cfg.train_dataset):  # sequence classification (sorsa/glue.py)
+        from .glue import load_glue_train, tokenize_glue
+
+        dataset = load_glue_train(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
+        return tokenizer, tokenize_glue(dataset, tokenizer, cfg.train_dataset, cfg.length)
     dataset = load_train_dataset(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
     return tokenizer, tokenize_train_dataset(dataset, tokenizer, cfg.train_dataset, cfg.length)
 
@@ -138,6 +146,10 @@ def prepare_model_for_training(cfg: RunConfig, model):
     from .baselines import apply_peft_baseline
     from .model import apply_sorsa
 
+    if is_glue(cfg.train_dataset):  # adapters on the encoder, the new head trained fully (sorsa/classifier.py)
+        from .classifier import prepare_classifier
+
+        return prepare_classifier(cfg, model, svd_cache_dir=cfg.svd_cache_path)
     if cfg.peft == "sorsa":
         return apply_sorsa(model, cfg.sorsa_config(targets_of(cfg)), svd_cache_dir=cfg.svd_cache_path)
     if cfg.peft in ("lora", "pissa"):
@@ -158,8 +170,13 @@ def _build_trainer(cfg: RunConfig, run: RunDir, model, args, tokenizer, dataset,
     trainer_class = SORSATrainer
     if cfg.deepspeed:  # the regularizer through the loss, and the float32 masters saved (sorsa/trainer_deepspeed.py)
         from .trainer_deepspeed import DeepSpeedSORSATrainer as trainer_class
-    return trainer_class(model=model, args=args, train_dataset=dataset,
-                         data_collator=CausalLMCollator(tokenizer.pad_token_id))
+    if is_glue(cfg.train_dataset):  # pads input_ids / attention_mask (/ token_type_ids); labels as given
+        from transformers import DataCollatorWithPadding
+
+        collator = DataCollatorWithPadding(tokenizer)
+    else:
+        collator = CausalLMCollator(tokenizer.pad_token_id)
+    return trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator)
 
 
 def _finish_training(cfg: RunConfig, run: RunDir, trainer) -> dict:
@@ -274,11 +291,12 @@ def merged_model(cfg: RunConfig, run: RunDir):
 # ----------------------------------------------------------------------------- test
 
 def test(cfg: RunConfig) -> dict:
-    """Generate greedily on cfg.test_dataset and score it into RUN/eval/<dataset>/ (resumable); a measurement
-    with other settings (another test file, length, precision...) gets its own folder beside it."""
-    from eval.benchmarks import get_benchmark
+    """Generate greedily on cfg.test_dataset (or, for a GLUE task, classify) and score it into
+    RUN/eval/<dataset>/ (resumable); a measurement with other settings (another test file, length,
+    precision...) gets its own folder beside it."""
+    from eval.benchmarks import default_max_new_tokens, get_benchmark
     from eval.generate import make_generator, resolve_backend
-    from eval.runner import MAX_NEW_TOKENS, STOP_STRINGS, evaluate
+    from eval.runner import STOP_STRINGS, evaluate
 
     run = run_dir(cfg.run_path, cfg.name)
     if run.merged_dir.is_dir():
@@ -290,23 +308,54 @@ def test(cfg: RunConfig) -> dict:
     dataset = cfg.test_dataset
     test_file = resolve_data_file(cfg.test_file, cfg.cache_path, cfg.run_path, "test")
     get_benchmark(dataset).load_examples(test_file)  # a broken test file fails here, before a model is loaded
-    max_new_tokens = cfg.max_new_tokens or MAX_NEW_TOKENS[dataset]
-    backend = "rwkv" if cfg.rwkv else resolve_backend(cfg.backend)
-    measure = {"model": model_path, "backend": backend, "max_new_tokens": max_new_tokens,
-               "precision": cfg.test_precision, "test_file": test_file, "greedy": True}
+    if is_glue(dataset) or (run.is_done() and is_glue(cfg.train_dataset)):
+        measure, make_predictor = _classifier_measure(cfg, run, model_path, test_file)
+    else:
+        max_new_tokens = cfg.max_new_tokens or default_max_new_tokens(dataset)
+        backend = "rwkv" if cfg.rwkv else resolve_backend(cfg.backend)
+        measure = {"model": model_path, "backend": backend, "max_new_tokens": max_new_tokens,
+                   "precision": cfg.test_precision, "test_file": test_file, "greedy": True}
+
+        def make_predictor():
+            return make_generator(model_path, backend=backend, max_new_tokens=max_new_tokens,
+                                  batch_size=cfg.valid_batch_size, stop=STOP_STRINGS[dataset],
+                                  dtype=dtype_name(precision_dtype(cfg.test_precision)),
+                                  trust_remote_code=cfg.trust_remote_code)
     with run.locked("test"):
         out_dir = run.eval_dir(dataset, measure)
         try:
-            generate = make_generator(model_path, backend=backend, max_new_tokens=max_new_tokens,
-                                      batch_size=cfg.valid_batch_size, stop=STOP_STRINGS[dataset],
-                                      dtype=dtype_name(precision_dtype(cfg.test_precision)),
-                                      trust_remote_code=cfg.trust_remote_code)
+            predict = make_predictor()
         except OSError as err:
             raise hub_error(model_path, err) from None
-        results = evaluate(dataset, out_dir, generate, test_file=test_file, limit=cfg.limit, settings=measure)
-    print(f"[run] {dataset}: accuracy {100 * results['accuracy']:.2f}% ({results['correct']}/{results['total']}); "
-          f"results in {out_dir / RESULTS}")
+        results = evaluate(dataset, out_dir, predict, test_file=test_file, limit=cfg.limit, settings=measure)
+    shown = results.get("metric") != "accuracy" and results.get("score") is not None  # CoLA's MCC, STS-B's Pearson
+    headline = f"{results['metric']} {100 * results['score']:.2f}, " if shown else ""
+    print(f"[run] {dataset}: {headline}accuracy {100 * results['accuracy']:.2f}% ({results['correct']}/"
+          f"{results['total']}); results in {out_dir / RESULTS}")
     return results
+
+
+def _classifier_measure(cfg: RunConfig, run: RunDir, model_path: str, test_file: str | None):
+    """The settings of a GLUE measurement and the factory of its classifier (eval/classify.py). A trained run
+    is scored only on a GLUE task with its own label count (MNLI's model on MNLI-mm, not SST-2's on MNLI)."""
+    from eval.classify import make_classifier
+
+    if not is_glue(cfg.test_dataset):
+        raise ValueError(f"run {cfg.name!r} is a sequence classifier trained on {cfg.train_dataset}; score it on "
+                         f"a GLUE task (--test-dataset {cfg.train_dataset}), not {cfg.test_dataset}")
+    task = glue_task(cfg.test_dataset)
+    trained_labels = glue_task(cfg.train_dataset).num_labels if is_glue(cfg.train_dataset) else None
+    if run.is_done() and trained_labels != task.num_labels:
+        raise ValueError(f"run {cfg.name!r} was trained on {cfg.train_dataset}, which cannot be scored as "
+                         f"{task.name} ({task.num_labels} label(s)); score a run trained on that task")
+    measure = {"model": model_path, "classifier": True, "max_length": cfg.length, "precision": cfg.test_precision,
+               "test_file": test_file}
+
+    def make_predictor():
+        return make_classifier(model_path, num_labels=task.num_labels, max_length=cfg.length,
+                               batch_size=cfg.valid_batch_size, dtype=dtype_name(precision_dtype(cfg.test_precision)),
+                               trust_remote_code=cfg.trust_remote_code)
+    return measure, make_predictor
 
 
 # ----------------------------------------------------------------------------- analysis, report, plan

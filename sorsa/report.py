@@ -19,6 +19,13 @@ BENCHMARKS = (("gsm8k", "gsm-8k", "GSM-8K"), ("math", "math", "MATH"), ("humanev
 # A run's model id (hub id or local directory, matched on its last path component) -> the paper's model.
 MODEL_PATTERNS = ((r"llama-?2-7b", "Llama 2 7B"), (r"mistral-7b-v0\.1", "Mistral 7B v0.1"),
                   (r"gemma-7b", "Gemma 7B"), (r"(rwkv|finch).*7b|7b.*(rwkv|finch)", "RWKV6 7B"))
+# The GLUE table (sequence-classification runs): task folder, column title, the results.json keys shown (in %).
+# Headline metrics as the LoRA paper and PiSSA report them; MRPC and QQP also F1, STS-B also Spearman.
+GLUE_TABLE = (("glue-mnli", "MNLI-m", ("score",)), ("glue-mnli-mm", "MNLI-mm", ("score",)),
+              ("glue-sst2", "SST-2", ("score",)), ("glue-mrpc", "MRPC acc/F1", ("accuracy", "f1")),
+              ("glue-cola", "CoLA MCC", ("score",)), ("glue-qnli", "QNLI", ("score",)),
+              ("glue-qqp", "QQP acc/F1", ("accuracy", "f1")), ("glue-rte", "RTE", ("score",)),
+              ("glue-stsb", "STS-B Pearson/Spearman", ("pearson", "spearman")))
 REPORT_COLUMNS = (["run", "model", "method", "rank", "trainable_params", "paper_model", "paper_trainable_params"]
                   + [f"{c}{s}" for key, _, _ in BENCHMARKS for c, s in ((key, ""), (key, "_paper"), (key, "_diff"))]
                   + ["paper_source"])
@@ -185,6 +192,29 @@ def measurements_table(run_dirs: list[str | os.PathLike]) -> str:
     return "\n## Every measurement\n\n" + head + "\n".join(lines) + "\n"
 
 
+def glue_table(run_dirs: list[str | os.PathLike]) -> str:
+    """The GLUE scores (validation split, in %) of every run scored on a GLUE task, one line per run, from each
+    task's first measurement (RUN/eval/glue-<task>/); empty when no run was."""
+    lines = []
+    for d in run_dirs:
+        run = RunDir(d)
+        results = {r["eval_dir"]: r for r in run.eval_results()}
+        if not any(task in results for task, _, _ in GLUE_TABLE):
+            continue
+        cfg = run.read_config()
+        cells = [run.name, str(cfg.get("model")), METHOD_LABELS.get(cfg.get("peft", "sorsa"), cfg.get("peft"))]
+        for task, _, keys in GLUE_TABLE:
+            r = results.get(task)
+            cells.append("–" if r is None else "/".join(_num(None if r.get(k) is None else 100.0 * r[k]) for k in keys))
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["Run", "Model", "Method"] + [title for _, title, _ in GLUE_TABLE]
+    return ("\n## GLUE (validation split)\n\nGLUE's test labels are hidden, so every task is scored on its validation "
+            "split (MNLI: matched and mismatched); MCC = Matthews correlation.\n\n"
+            + "| " + " | ".join(head) + " |\n" + "|" + "---|" * len(head) + "\n" + "\n".join(lines) + "\n")
+
+
 def csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, lineterminator="\n")
@@ -249,7 +279,7 @@ def build_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     markdown = ("# Results\n\nAccuracy % (GSM-8K, MATH) and pass@1 % (HumanEval); `paper` is the published "
                 f"number ({Path(paper_results).name}, sources in its `source` column), Δ = ours − paper.\n\n"
-                + markdown_table(rows) + measurements_table(run_dirs))
+                + markdown_table(rows) + glue_table(run_dirs) + measurements_table(run_dirs))
     atomic_write_text(out_dir / "report.md", markdown)
     atomic_write_text(out_dir / "report.csv", csv_text(rows))
     files = [out_dir / "report.md", out_dir / "report.csv"]

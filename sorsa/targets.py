@@ -18,6 +18,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "mistral": LLAMA_TARGETS,
     "gemma": LLAMA_TARGETS,
     "rwkv6": RWKV_TARGETS,
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"],  # + attention.output
+    "roberta": ["query", "key", "value", "output.dense", "intermediate.dense"],  # output.dense: both blocks' outputs
 }
 
 

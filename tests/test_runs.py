@@ -2,7 +2,6 @@
 settings, evaluation outputs keyed by what they measured, and jobs that stop with an error change nothing."""
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys

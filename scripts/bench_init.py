@@ -1,87 +1,120 @@
-"""Time SORSA's initialisation for Llama-2-7B's weight shapes: full vs randomized SVD, one layer per shape.
+"""SORSA's initialisation on Llama-2-7B's weight shapes: full vs fast vs randomized SVD, time and accuracy.
 
-    python scripts/bench_init.py                       # CPU, rank 128, both methods, markdown table
-    python scripts/bench_init.py --device cuda         # on a GPU
-    python scripts/bench_init.py --methods randomized --niter 1 2 4
+    python scripts/bench_init.py                          # CPU, rank 128, markdown table
+    python scripts/bench_init.py --device cuda --json out.json
+    python scripts/bench_init.py --shapes 1024x1024 --rank 32   # a quick look
 
-Each shape (4096x4096: q/k/v/o; 11008x4096: gate/up; 4096x11008: down) is initialised once through
-`apply_sorsa` on a single bf16 nn.Linear with random weights (the SVD time barely depends on the values),
-so a row is the real per-layer cost: the float32 copy, the SVD, the residual W_res and its bf16 cast.
-The whole-model time is extrapolated: 32 layers x (4 + 2 + 1) projections. It prints a markdown table.
+Each shape (4096x4096: q/k/v/o; 11008x4096: gate/up; 4096x11008: down) is an LLM-like synthetic matrix
+(sorsa.synthetic.llm_like_weight: a few large singular values over a random bulk, outlier input channels),
+decomposed by `sorsa.functional.svd_top` with each method in turn (interleaved, after a warm-up). Accuracy
+against the full SVD: the excess of the rank-r residual ‖W − U S Vh‖_F over the optimal one (relative), the
+largest error of the top-r singular values (relative to σ₁), and the orthonormality of U. The whole-model
+time is extrapolated: 32 blocks x (4 + 2 + 1) projections (not measured end to end).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sorsa import SORSAConfig, apply_sorsa  # noqa: E402
+from sorsa import functional as SF  # noqa: E402
+from sorsa.synthetic import llm_like_weight  # noqa: E402
 
 # Llama-2-7B (configs/models/Llama-2-7b-hf.json): (out, in) -> projections per block; 32 blocks.
 LLAMA2_7B = {(4096, 4096): ("q/k/v/o_proj", 4), (11008, 4096): ("gate/up_proj", 2), (4096, 11008): ("down_proj", 1)}
 LAYERS = 32
+METHODS = {"full": {}, "fast": {}, "randomized": {"niter": 4}}
 
 
-def time_layer(out_f: int, in_f: int, method: str, rank: int, niter: int, device: str) -> float:
-    """Seconds to initialise one bf16 (out_f x in_f) layer with apply_sorsa (after a warm-up)."""
-    torch.manual_seed(0)
-    layer = nn.ModuleList([nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device=device)])
-    config = SORSAConfig(rank=rank, target_modules=r"0", svd=method, niter=niter, residual_dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+def measure(W: torch.Tensor, rank: int, method: str, options: dict, sync) -> tuple[float, tuple, dict]:
+    info: dict = {}
     sync()
     start = time.perf_counter()
-    apply_sorsa(layer, config, progress=False)
+    factors = SF.svd_top(W, rank, method, info=info, **options)
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, factors, info
+
+
+def accuracy(W: torch.Tensor, factors, S_full: torch.Tensor, rank: int) -> dict:
+    """Excess residual over the optimal rank-r one, top-r singular value error (/ σ₁), ‖UᵀU − I‖_max."""
+    U, S, Vh = factors
+    optimal = S_full[rank:].double().pow(2).sum().sqrt()
+    residual = (W.double() - (U.double() * S.double()) @ Vh.double()).norm()
+    eye = torch.eye(rank, device=W.device)
+    return {"excess": (residual / optimal - 1).item(),
+            "sigma_error": ((S - S_full[:rank]).abs().max() / S_full[0]).item(),
+            "orthonormality": (U.T @ U - eye).abs().max().item()}
+
+
+def run(shapes, rank: int, device: str, tol: float, oversample: int, max_iter: int) -> dict:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    options = {"full": {}, "randomized": {"niter": 4},
+               "fast": {"tol": tol, "oversample": oversample, "max_iter": max_iter}}
+    small = llm_like_weight(256, 256, seed=1).to(device)
+    for method in options:  # warm-up: LAPACK / cuSOLVER initialisation is not part of any row
+        SF.svd_top(small, 16, method, **options[method])
+    rows = {}
+    for (o, i) in shapes:
+        W = llm_like_weight(o, i, seed=0).to(device)
+        row = {}
+        for method in options:
+            seconds, factors, info = measure(W, rank, method, options[method], sync)
+            row[method] = {"seconds": seconds, **info}
+            if method == "full":
+                S_full = torch.linalg.svdvals(W)  # all of them, for the optimal residual
+            row[method].update(accuracy(W, factors, S_full, rank))
+            print(f"  {o}x{i} {method}: {seconds:.2f} s {info}", file=sys.stderr)
+        rows[f"{o}x{i}"] = row
+    return rows
+
+
+def table(rows: dict, rank: int, device_name: str, settings: str) -> str:
+    lines = [f"SORSA initialisation, rank {rank}, LLM-like synthetic float32 matrices; {device_name}; torch "
+             f"{torch.__version__}; {settings}. Whole model: extrapolated (32 blocks x projections per block).", "",
+             "| weight (out x in) | method | time | vs full | iterations | residual excess | top-σ error / σ₁ "
+             "| ‖UᵀU − I‖ |", "|---|---|---|---|---|---|---|---|"]
+    totals = {m: 0.0 for m in METHODS}
+    for shape, row in rows.items():
+        o, i = map(int, shape.split("x"))
+        count = LLAMA2_7B.get((o, i), ("", 1))[1]
+        for method, r in row.items():
+            totals[method] += LAYERS * count * r["seconds"]
+            lines.append(f"| {shape} | {method} | {r['seconds']:.2f} s | {row['full']['seconds'] / r['seconds']:.1f}x "
+                         f"| {r.get('iterations', '–')} | {r['excess']:.1e} | {r['sigma_error']:.1e} "
+                         f"| {r['orthonormality']:.0e} |")
+    lines.append(f"| **whole model (224 layers), extrapolated** | | " + ", ".join(
+        f"{m} {t:.0f} s ({t / 60:.1f} min)" for m, t in totals.items()) + " | | | | | |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["full", "randomized"], choices=["full", "randomized"])
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--niter", type=int, nargs="+", default=[4], help="randomized SVD subspace iterations")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in LLAMA2_7B], help="OUTxIN ...")
+    p.add_argument("--tol", type=float, default=1e-6, help="fast: energy change tolerance")
+    p.add_argument("--oversample", type=int, default=64)
+    p.add_argument("--max-iter", type=int, default=SF.FAST_MAX_ITER)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", help="also write the measurements here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # warm-up: LAPACK / cuSOLVER initialisation is not part of any row
-    for method in args.methods:
-        time_layer(256, 256, method, 16, args.niter[0], args.device)
-
-    columns = [(m, n) for m in args.methods for n in (args.niter if m == "randomized" else [None])]
-    per_layer = {}
-    for (o, i), (names, _) in LLAMA2_7B.items():
-        for method, niter in columns:
-            per_layer[(o, i), method, niter] = time_layer(o, i, method, args.rank, niter or 0, args.device)
-            print(f"  {o}x{i} {method}{'' if niter is None else f' niter={niter}'}: "
-                  f"{per_layer[(o, i), method, niter]:.2f} s", file=sys.stderr)
-
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+    shapes = [tuple(map(int, s.lower().split("x"))) for s in args.shapes]
+    rows = run(shapes, args.rank, args.device, args.tol, args.oversample, args.max_iter)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    head = [f"{m} SVD" if n is None else f"randomized SVD (niter {n})" for m, n in columns]
-    print(f"\nSORSA initialisation, Llama-2-7B shapes, rank {args.rank}, bf16 weights decomposed in float32; "
-          f"{device}; torch {torch.__version__}.\nPer layer: measured on one layer of each shape. Whole model: "
-          f"extrapolated as {LAYERS} blocks x the projections per block (not measured end to end).\n")
-    print("| weight (out x in) | per block | " + " | ".join(head) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    total = {c: 0.0 for c in columns}
-    for (o, i), (names, count) in LLAMA2_7B.items():
-        cells = []
-        for c in columns:
-            t = per_layer[(o, i), *c]
-            total[c] += LAYERS * count * t
-            cells.append(f"{t:.2f} s")
-        print(f"| {o} x {i} ({names}) | {count} | " + " | ".join(cells) + " |")
-    n_layers = LAYERS * sum(c for _, c in LLAMA2_7B.values())
-    print(f"| **whole model, extrapolated** | {n_layers} layers | "
-          + " | ".join(f"**{total[c]:.0f} s ({total[c] / 60:.1f} min)**" for c in columns) + " |")
+    settings = f"fast: oversample {args.oversample}, tol {args.tol:g}, at most {args.max_iter} iterations; " \
+               "randomized: q = r, niter 4"
+    print(table(rows, args.rank, device_name, settings))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device_name, "settings": settings, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -224,7 +224,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
                          "classification head), which a LoRA file does not hold; use the merged checkpoint")
     tensors = {}
     for name, layer in layers:
-        B, A = SF.lora_factors(layer.U_p, layer.S_p, layer.Vh_p, layer.U_0, layer.S_0, layer.Vh_0, layer.scale)
+        trained = [t.detach().cpu() for t in (layer.U_p, layer.S_p, layer.Vh_p)]  # beside U_0, S_0, Vh_0 (CPU)
+        B, A = SF.lora_factors(*trained, layer.U_0, layer.S_0, layer.Vh_0, layer.scale)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().cpu().contiguous()  # (2r, in)
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().cpu().contiguous()  # (out, 2r)
     rank2 = 2 * layers[0][1].rank

@@ -8,29 +8,58 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.nn as nn
+
+from . import functional as SF
 
 
 def peft_init(method: str, svd: str = "full", niter: int = 4):
-    """peft's `init_lora_weights` for a method: True (LoRA), "pissa" or "pissa_niter_N" (fast SVD)."""
+    """peft's `init_lora_weights` for a method: True (LoRA), "pissa" or "pissa_niter_N" (its randomized
+    SVD); False for svd="fast", which peft does not have: `pissa_from_svd` then initialises the layers."""
     if method == "lora":
         return True
     if method == "pissa":
-        return "pissa" if svd == "full" else f"pissa_niter_{niter}"
+        return {"full": "pissa", "randomized": f"pissa_niter_{niter}"}.get(svd, False)
     raise ValueError(f"peft baseline {method!r} is unknown; use 'lora' or 'pissa'")
 
 
 def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules: list[str] | str,
                         dropout: float = 0.0, svd: str = "full", niter: int = 4, task_type: str = "CAUSAL_LM",
-                        modules_to_save: list[str] | None = None):
+                        modules_to_save: list[str] | None = None, svd_options: dict | None = None):
     """Wrap `model` in a peft LoRA/PiSSA model with rank r, alpha r and the given targets; `task_type`
-    "SEQ_CLS" with `modules_to_save` (peft's own: trained fully, saved with the adapter) for a classifier."""
+    "SEQ_CLS" with `modules_to_save` (peft's own: trained fully, saved with the adapter) for a classifier.
+    PiSSA with svd="fast" is initialised by `pissa_from_svd` with `svd_options` (svd_top's keywords)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=target_modules,
                         bias="none", task_type=task_type, init_lora_weights=peft_init(method, svd, niter),
                         modules_to_save=modules_to_save)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if method == "pissa" and svd == "fast":
+        pissa_from_svd(peft_model, svd, svd_options or {})
+    return peft_model
+
+
+@torch.no_grad()
+def pissa_from_svd(peft_model, svd: str, options: dict) -> None:
+    """PiSSA's initialisation (arXiv 2404.02948, Sec. 3) from this project's SVD: per LoRA layer, the top-r
+    triplets (U, S, Vh) of W give A = √(S/s) Vh (r, in) and B = U √(S/s) (out, r), and the base weight
+    becomes W_res = W − s · B A (s = lora_alpha / r). The config then says "pissa", as peft's own would."""
+    from peft.tuners.lora import LoraLayer
+
+    for _, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        base = module.get_base_layer()
+        r, s = module.r["default"], module.scaling["default"]
+        U, S, Vh = SF.svd_top(base.weight, r, svd, **options)  # (out, r), (r,), (r, in)
+        root = (S / s).sqrt()
+        A, B = root[:, None] * Vh, U * root  # (r, in), (out, r)
+        module.lora_A["default"].weight.copy_(A)
+        module.lora_B["default"].weight.copy_(B)
+        base.weight.data = SF.split_weight(base.weight, B, torch.ones_like(S), A, s, base.weight.dtype)
+    peft_model.peft_config["default"].init_lora_weights = "pissa"
 
 
 def save_initial_pissa(peft_model, init_dir: str | os.PathLike):

@@ -54,4 +54,5 @@ def prepare_classifier(cfg, model: nn.Module, svd_cache_dir=None) -> nn.Module:
     from .baselines import apply_peft_baseline
 
     return apply_peft_baseline(model, cfg.peft, cfg.rank, targets, cfg.dropout, cfg.svd, cfg.svd_niter,
-                               task_type="SEQ_CLS", modules_to_save=keep)
+                               task_type="SEQ_CLS", modules_to_save=keep,
+                               svd_options=cfg.sorsa_config(targets).svd_options())

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .functional import ALPHA_INIT, SVD_METHODS
+from .functional import ALPHA_INIT, FAST_MAX_ITER, FAST_OVERSAMPLE, FAST_TOL, SVD_METHODS
 from .glue import GLUE_TASKS, GLUE_TRAIN_TASKS, is_glue
 from .targets import LLAMA_TARGETS
 
@@ -49,7 +49,9 @@ class SORSAConfig:
         "reference" (S_p = σ, W_res = W − scale·U σ Vh, as the authors' code); the same when alpha is None.
     dropout: dropout on the adapter's input.
     target_modules: module-name suffixes (a list) or a regex matched against the full name (a str).
-    svd: "full" (torch.linalg.svd) or "randomized" (torch.svd_lowrank, seeded, `niter` iterations).
+    svd: "full" (torch.linalg.svd), "randomized" (torch.svd_lowrank, seeded, `niter` iterations, as PEFT's
+        pissa_niter_N) or "fast" (seeded subspace iteration with `svd_oversample` extra columns, stopped when the
+        captured energy changes by less than `svd_tol`, at most `svd_max_iter` iterations).
     residual_dtype: dtype of the frozen W_res (None keeps the weight's dtype; the paper uses bf16).
     adapter_dtype: dtype of U_p, S_p, Vh_p (float32 in the paper).
     """
@@ -64,6 +66,9 @@ class SORSAConfig:
     residual_dtype: torch.dtype | None = None
     adapter_dtype: torch.dtype = torch.float32
     alpha_init: str = "tail"
+    svd_tol: float = FAST_TOL
+    svd_oversample: int = FAST_OVERSAMPLE
+    svd_max_iter: int = FAST_MAX_ITER
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -78,6 +83,13 @@ class SORSAConfig:
             raise ValueError(f"alpha_init={self.alpha_init!r} is unknown; use one of {list(ALPHA_INIT)}")
         if isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0:
             raise ValueError(f"niter={self.niter!r} is invalid; use an integer >= 0")
+        if not (isinstance(self.svd_tol, (int, float)) and self.svd_tol >= 0):
+            raise ValueError(f"svd_tol={self.svd_tol!r} is invalid; use a relative tolerance >= 0, e.g. 1e-6")
+        for name in ("svd_oversample", "svd_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "svd_oversample" else 1):
+                raise ValueError(f"{name}={value!r} is invalid; use an integer >= "
+                                 f"{0 if name == 'svd_oversample' else 1}")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -97,6 +109,11 @@ class SORSAConfig:
     def scale(self) -> float:
         """alpha / rank, or 1 when alpha is None (the paper's setting)."""
         return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    def svd_options(self) -> dict:
+        """The keyword arguments of `functional.svd_top` for this config's SVD method (beside rank and method)."""
+        return dict(niter=self.niter, seed=self.seed, tol=self.svd_tol, oversample=self.svd_oversample,
+                    max_iter=self.svd_max_iter)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -178,6 +195,8 @@ class RunConfig:
         group=MODEL)
     svd: str = setting("full", "SVD for the initialisation", choices=SVD_METHODS, group=MODEL)
     svd_niter: int = setting(4, "subspace iterations of the randomized SVD", group=MODEL)
+    svd_tol: float = setting(FAST_TOL, "fast SVD: stop when the captured energy changes by less than this "
+                             f"(relative; at most {FAST_MAX_ITER} iterations)", group=MODEL)
     modules_to_save: list[str] | None = setting(
         None, "modules trained fully and saved with the adapter (a sequence classifier's new head always is)",
         group=MODEL)
@@ -272,7 +291,7 @@ class RunConfig:
         return SORSAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                            target_modules=self.target_modules or default_targets, svd=self.svd,
                            niter=self.svd_niter, seed=self.seed, residual_dtype=residual,
-                           alpha_init=self.alpha_init)
+                           alpha_init=self.alpha_init, svd_tol=self.svd_tol)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,36 +8,82 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SVD_METHODS = ("full", "randomized")
+SVD_METHODS = ("full", "randomized", "fast")
+# "fast": its defaults (scripts/bench_init.py measures the trade-off; README "Initialisation at 7B scale").
+FAST_TOL, FAST_OVERSAMPLE, FAST_MAX_ITER = 1e-6, 64, 20
 
 
-def svd_top(weight: torch.Tensor, rank: int, method: str = "full", niter: int = 4,
-            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` singular triplets of `weight` (out, in), computed in float32 on its device.
+def svd_top(weight: torch.Tensor, rank: int, method: str = "full", niter: int = 4, seed: int = 0, *,
+            tol: float = FAST_TOL, oversample: int = FAST_OVERSAMPLE, max_iter: int = FAST_MAX_ITER,
+            info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` singular triplets of `weight` (out, in), or of each matrix of a batch (..., out, in),
+    computed in float32 on its device.
 
-    Returns U: (out, r), S: (r,) descending, Vh: (r, in), all float32. `method="randomized"` is
-    Halko et al.'s randomized SVD (`torch.svd_lowrank`, q = rank, `niter` subspace iterations) as
-    PiSSA's fast initialisation uses; its random test matrix is drawn from `seed`, so the same
-    weight, rank, niter and seed always give the same factors.
+    Returns U: (..., out, r), S: (..., r) descending, Vh: (..., r, in), all float32.
+    - "full": torch.linalg.svd (the reference's choice; exact to float32).
+    - "randomized": Halko et al.'s randomized SVD as PiSSA's fast initialisation (`torch.svd_lowrank`,
+      q = rank, `niter` subspace iterations), PEFT-compatible; single matrices only.
+    - "fast": randomized subspace iteration with `oversample` extra columns, stopped when the captured energy
+      Σ σ̂ᵢ² of the top `rank` changes by less than `tol` (relative) between iterations, at most `max_iter`
+      iterations (`subspace_svd`). `info`, when given, receives {"iterations", "change"}.
+    The random test matrices are drawn from `seed`, so the same weight and settings give the same factors.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"svd method {method!r} is unknown; expected one of {SVD_METHODS}")
     # Always a float32 copy, whatever the weight's dtype. (The reference's `.to(float32)` is discarded; its
     # SVD ran in float32 only because it loads the model in float32 first, and torch.linalg.svd would
     # raise on a bf16 weight on the CPU.)
-    w = weight.detach().to(torch.float32)  # (out, in)
+    w = weight.detach().to(torch.float32)  # (..., out, in)
+    if method == "fast":
+        return subspace_svd(w, rank, seed=seed, tol=tol, oversample=oversample, max_iter=max_iter, info=info)
     if method == "full":
-        if w.shape[0] < w.shape[1]:  # a wide matrix: the SVD of its (tall) transpose is about 2x faster
-            V, S, Uh = torch.linalg.svd(w.T, full_matrices=False)  # Wᵀ = V diag(S) Uᵀ
-            U, Vh = Uh.T, V.T  # (out, k), (k, in)
+        if w.shape[-2] < w.shape[-1]:  # a wide matrix: the SVD of its (tall) transpose is about 2x faster
+            V, S, Uh = torch.linalg.svd(w.mT, full_matrices=False)  # Wᵀ = V diag(S) Uᵀ
+            U, Vh = Uh.mT, V.mT  # (..., out, k), (..., k, in)
         else:
-            U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
-        return U[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous()
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (..., out, k), (..., k), (..., k, in)
+        return U[..., :rank].contiguous(), S[..., :rank].contiguous(), Vh[..., :rank, :].contiguous()
+    if w.dim() != 2:
+        raise ValueError("svd='randomized' decomposes one matrix at a time; use 'fast' or 'full' for a batch")
     devices = [w.device] if w.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         U, S, V = torch.svd_lowrank(w, q=rank, niter=niter)  # (out, r), (r,), (in, r)
     return U.contiguous(), S.contiguous(), V.T.contiguous()
+
+
+def subspace_svd(w: torch.Tensor, rank: int, seed: int = 0, tol: float = FAST_TOL, oversample: int = FAST_OVERSAMPLE,
+                 max_iter: int = FAST_MAX_ITER, info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) with adaptive stopping.
+
+    w: (..., m, n) float32. A seeded Gaussian test matrix Ω (n, k), k = min(rank + oversample, m, n), gives
+    Q = orth(W Ω); each iteration re-orthonormalises Z = orth(Wᵀ Q), then W Z = Q R, whose singular values
+    (those of R, k x k, computed in float64) estimate the top ones of W. It stops when the captured energy
+    Σ_{i<=rank} σ̂ᵢ² changes by less than `tol` relative (the worst matrix of a batch decides), or after
+    `max_iter` iterations. The Rayleigh-Ritz step B = Qᵀ W (k, n) is decomposed in float64 (cheap: k rows),
+    so U = Q U_B and Vh are orthonormal to float32 precision. The same Ω serves every matrix of a batch,
+    so a batch gives what each matrix gives alone. Returns U (..., m, r), S (..., r), Vh (..., r, n).
+    """
+    m, n = w.shape[-2:]
+    k = min(rank + oversample, m, n)
+    generator = torch.Generator(device=w.device).manual_seed(seed)
+    omega = torch.randn((n, k), generator=generator, device=w.device, dtype=torch.float32)  # (n, k)
+    Q = torch.linalg.qr(w @ omega).Q  # (..., m, k)
+    previous, change, iterations = None, float("inf"), 0
+    for iterations in range(1, max_iter + 1):
+        Z = torch.linalg.qr(w.mT @ Q).Q  # (..., n, k)
+        Q, R = torch.linalg.qr(w @ Z)  # W Z = Q R: (..., m, k), (..., k, k)
+        energy = (torch.linalg.svdvals(R.double())[..., :rank] ** 2).sum(-1)  # (...,)
+        if previous is not None:
+            change = ((energy - previous).abs() / energy.clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+            if change < tol:
+                break
+        previous = energy
+    U_B, S, Vh = torch.linalg.svd((Q.mT @ w).double(), full_matrices=False)  # (..., k, k), (..., k), (..., k, n)
+    if info is not None:
+        info.update(iterations=iterations, change=change)
+    U = Q @ U_B[..., :rank].float()  # (..., m, r)
+    return U.contiguous(), S[..., :rank].float().contiguous(), Vh[..., :rank, :].float().contiguous()
 
 
 def adapter_delta(U_p: torch.Tensor, S_p: torch.Tensor, Vh_p: torch.Tensor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -31,16 +32,21 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
 # ----------------------------------------------------------------------------- apply
 
 def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.PathLike | None = None,
-                progress: bool = True) -> nn.Module:
+                progress: bool = True, batch_init: bool | None = None,
+                batch_memory: int | None = None) -> nn.Module:
     """Replace every targeted nn.Linear of `model` by a SORSALinear, in place, and freeze the rest.
 
-    Each weight is decomposed in float32 on its own device, one layer at a time, and W_res is written
-    back in the residual dtype before the next layer starts, so the peak extra memory is one weight's
-    float32 copy and its SVD factors, never a float32 copy of the model (tests/test_init_memory.py).
+    Each weight is decomposed in float32 on its own device and W_res is written back in the residual dtype
+    before the next weight (or batch) starts, so the peak extra memory is bounded by one weight's (or one
+    batch's) float32 copy and its factors, never a float32 copy of the model (tests/test_init_memory.py).
+    `batch_init`: decompose same-shaped weights together (torch.linalg.svd and the fast SVD both batch),
+    at most `batch_memory` bytes of float32 weight copies at once (default: a quarter of the free GPU
+    memory); None batches on a CUDA device, where it pays, and goes one weight at a time on the CPU.
     A weight partitioned by DeepSpeed ZeRO-3 is gathered whole for its decomposition, every rank
     decomposes it identically (the factors are then taken from rank 0, so they agree bit for bit),
     and W_res goes back into the partitioned parameter. With `svd_cache_dir`, decompositions are read
-    from / written to an `SVDCache` there. Returns the model.
+    from / written to an `SVDCache` there. The per-layer SVD record (seconds; for "fast" also iterations
+    and the final energy change) is kept in `model.sorsa_init_log`. Returns the model.
     """
     targets = find_target_modules(model, config.target_modules)
     for name, linear in targets:
@@ -51,31 +57,110 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     cache = SVDCache(svd_cache_dir) if svd_cache_dir is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
-    bar = tqdm(targets, desc=f"SORSA init ({config.svd} SVD, r={config.rank})", unit="layer",
+    log: list[dict] = []
+    bar = tqdm(total=len(targets), desc=f"SORSA init ({config.svd} SVD, r={config.rank})", unit="layer",
                disable=not progress or process_rank() != 0, dynamic_ncols=True)
-    for name, linear in bar:
-        layer = _adapt_layer(name, linear, config, cache)
-        replace_module(model, name, layer)
-        del linear, layer  # the original weight is freed here, before the next layer is decomposed
+    for group in _init_groups(targets, batch_init, batch_memory):
+        if len(group) == 1:
+            layers = [_adapt_layer(*group[0], config, cache, log)]
+        else:
+            factors = _decompose_batch(group, config, cache, log)
+            layers = [_wrap(linear, config, f) for (_, linear), f in zip(group, factors)]
+        for (name, _), layer in zip(group, layers):
+            replace_module(model, name, layer)
+        bar.update(len(group))
+    bar.close()
     model.sorsa_config = config
+    model.sorsa_init_log = log
+    if progress and process_rank() == 0 and config.svd == "fast" and log:
+        print(f"[sorsa] {init_summary(log, config)}")
     return model
 
 
-def _adapt_layer(name: str, linear: nn.Linear, config: SORSAConfig, cache: SVDCache | None) -> SORSALinear:
-    """One targeted layer wrapped in a SORSALinear: the top-r SVD of its weight (or the cached one) gives the
-    initial adapter, and the weight becomes W_res."""
+def init_summary(log: list[dict], config: SORSAConfig) -> str:
+    """One line on how the fast SVD converged over all layers (iterations, worst final energy change)."""
+    done = [e for e in log if "iterations" in e]
+    if not done:
+        return "all factors from the SVD cache"
+    its = sorted(e["iterations"] for e in done)
+    worst = max(done, key=lambda e: e["change"])
+    capped = sum(e["change"] >= config.svd_tol for e in done)
+    return (f"fast SVD of {len(done)} layers: {its[0]}-{its[-1]} iterations (median {its[len(its) // 2]}); "
+            f"{len(done) - capped} reached the energy tolerance {config.svd_tol:g}, {capped} stopped at "
+            f"{config.svd_max_iter} iterations; largest final change {worst['change']:.1e} ({worst['layer']})")
+
+
+def _init_groups(targets, batch_init: bool | None, batch_memory: int | None) -> list[list]:
+    """The targets in decomposition groups: one weight each, or same-shaped whole weights batched."""
+    on_gpu = bool(targets) and targets[0][1].weight.device.type == "cuda"
+    if not (on_gpu if batch_init is None else batch_init):
+        return [[t] for t in targets]
+    if batch_memory is None:
+        batch_memory = torch.cuda.mem_get_info()[0] // 4 if on_gpu else 2 ** 31
+    groups: dict = {}
+    for name, linear in targets:
+        w = linear.weight
+        key = (tuple(w.shape), w.device, w.dtype, is_partitioned(w))
+        groups.setdefault(key, []).append((name, linear))
+    out = []
+    for (shape, _, _, partitioned), members in groups.items():
+        size = 1 if partitioned else max(1, batch_memory // (4 * shape[0] * shape[1]))
+        out += [members[i:i + size] for i in range(0, len(members), size)]
+    return out
+
+
+def _svd(weight: torch.Tensor, name: str, config: SORSAConfig, cache: SVDCache | None, log: list):
+    """The top-r SVD of one weight, from the cache or computed (and cached); its record goes to `log`."""
+    key = cache.key(weight, name, config.rank, config.svd, config.svd_options()) if cache else None
+    factors = cache.get(key) if cache else None
+    if factors is not None:
+        log.append({"layer": name, "cached": True})
+        return factors
+    info, start = {}, time.perf_counter()
+    factors = SF.svd_top(weight, config.rank, config.svd, info=info, **config.svd_options())
+    log.append({"layer": name, "seconds": time.perf_counter() - start, **info})
+    if cache is not None and process_rank() == 0:
+        cache.put(key, *factors)
+    return factors
+
+
+def _decompose_batch(group, config: SORSAConfig, cache: SVDCache | None, log: list) -> list[tuple]:
+    """Factors of a group of same-shaped weights: cached ones read, the rest decomposed in one batched call."""
+    keys = [cache.key(linear.weight, name, config.rank, config.svd, config.svd_options()) if cache else None
+            for name, linear in group]
+    found = [cache.get(k) if cache else None for k in keys]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        info, start = {}, time.perf_counter()
+        stacked = torch.stack([group[i][1].weight.detach() for i in todo])  # (B, out, in)
+        U, S, Vh = SF.svd_top(stacked, config.rank, config.svd, info=info, **config.svd_options())
+        del stacked
+        seconds = (time.perf_counter() - start) / len(todo)
+        for j, i in enumerate(todo):
+            found[i] = (U[j], S[j], Vh[j])
+            log.append({"layer": group[i][0], "seconds": seconds, "batch": len(todo), **info})
+            if cache is not None and process_rank() == 0:
+                cache.put(keys[i], *found[i])
+    log.extend({"layer": group[i][0], "cached": True} for i in range(len(group)) if i not in todo)
+    return found
+
+
+def _wrap(linear: nn.Linear, config: SORSAConfig, factors) -> SORSALinear:
+    """`linear` in a SORSALinear initialised from its top-r SVD factors (U, S, Vh); its weight becomes W_res."""
+    layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
+    layer.set_factors(*SF.initial_adapter(*factors, config.scale, config.alpha_init), config.residual_dtype)
+    return layer
+
+
+def _adapt_layer(name: str, linear: nn.Linear, config: SORSAConfig, cache: SVDCache | None,
+                 log: list) -> SORSALinear:
+    """One targeted layer wrapped in a SORSALinear (gathered whole while it is decomposed under ZeRO-3)."""
     weight = linear.weight
     with gathered_parameters([weight], modifier_rank=0):  # whole on every rank while it is decomposed
-        key = cache.key(weight, name, config.rank, config.svd, config.niter, config.seed) if cache else None
-        factors = cache.get(key) if cache else None
-        if factors is None:
-            factors = SF.svd_top(weight, config.rank, config.svd, config.niter, config.seed)
-            if cache is not None and process_rank() == 0:
-                cache.put(key, *factors)
+        factors = _svd(weight, name, config, cache, log)
         if is_partitioned(weight):
             factors = from_rank_zero(factors)
-        layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
-        layer.set_factors(*SF.initial_adapter(*factors, config.scale, config.alpha_init), config.residual_dtype)
+        layer = _wrap(linear, config, factors)
         del factors
         if is_partitioned(weight):
             # set_factors made W_res a new, whole parameter; put it into the partitioned one instead,

@@ -33,6 +33,7 @@ PAPER_PARAMS = {
     "RWKV/v6-Finch-7B-HF": {"rank": 64, "adapter": 176e6, "full": None},
 }
 GiB = 1024 ** 3
+INITIAL_FACTORS = "SORSA initial factors U_0, S_0, Vh_0 (fp32)"
 
 
 # ----------------------------------------------------------------------------- the model, weightless
@@ -194,8 +195,8 @@ def estimate_memory(*, total_params: int, trainable: int, method: str, precision
     train_w = trainable * (2 if mixed else 4) / weight_part
     (cpu if offload_param else gpu)["weights (frozen)"] = frozen_b
     (cpu if offload_param else gpu)["weights (trainable)"] = train_w
-    if method == "sorsa":
-        gpu["SORSA initial factors U_0, S_0, Vh_0 (fp32 buffers)"] = trainable * 4.0
+    if method == "sorsa":  # needed only to save and export: kept in CPU memory (sorsa/layer.py)
+        cpu[INITIAL_FACTORS] = trainable * 4.0
     gpu["gradients"] = trainable * (2 if mixed else 4) / grad_part
     if gpus > 1 and not deepspeed:
         gpu["DDP gradient buckets"] = trainable * 4.0
@@ -316,7 +317,7 @@ def format_plan(plan: RunPlan) -> str:
     lines += [f"    {k:<{width}}{gib(v)}" for k, v in plan.memory.gpu.items()]
     lines.append(f"    {'total':<{width}}{gib(plan.memory.total)}")
     if plan.memory.cpu:
-        lines.append("  offloaded to CPU memory (per GPU's share):")
+        lines.append("  in CPU memory, not on the GPU (per process):")
         lines += [f"    {k:<{width}}{gib(v)}" for k, v in plan.memory.cpu.items()]
     lines += [f"  note: {n}" for n in plan.memory.notes]
     lines.append("  note: an estimate (AdamW, no CUDA context or fragmentation); allow ~10-20 % on top")

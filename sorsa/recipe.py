@@ -153,7 +153,8 @@ def prepare_model_for_training(cfg: RunConfig, model):
     if cfg.peft == "sorsa":
         return apply_sorsa(model, cfg.sorsa_config(targets_of(cfg)), svd_cache_dir=cfg.svd_cache_path)
     if cfg.peft in ("lora", "pissa"):
-        return apply_peft_baseline(model, cfg.peft, cfg.rank, targets_of(cfg), cfg.dropout, cfg.svd, cfg.svd_niter)
+        return apply_peft_baseline(model, cfg.peft, cfg.rank, targets_of(cfg), cfg.dropout, cfg.svd, cfg.svd_niter,
+                                   svd_options=cfg.sorsa_config(targets_of(cfg)).svd_options())
     return model
 
 
@@ -234,7 +235,9 @@ def save_trained(cfg: RunConfig, run: RunDir, trainer, tokenizer):
     from .baselines import save_peft_adapter
 
     if cfg.peft == "sorsa":
-        trainer.save_sorsa_adapter(str(run.adapter_dir), metadata={"base_model": cfg.model})
+        # the per-layer SVD record (for "fast": iterations and final energy change) goes with the adapter
+        init_log = getattr(trainer.accelerator.unwrap_model(trainer.model), "sorsa_init_log", None)
+        trainer.save_sorsa_adapter(str(run.adapter_dir), metadata={"base_model": cfg.model, "svd_init": init_log})
     elif cfg.peft in ("lora", "pissa"):
         with trainer.full_trainable_parameters():
             if trainer.is_world_process_zero():

@@ -17,8 +17,7 @@ class SVDCache:
     """Top-r SVD factors on disk, one safetensors file per (weight, layer, rank, method) key.
 
     The key hashes the weight's bytes, shape and dtype together with the layer name, rank, method,
-    and (for randomized SVD) niter and seed, so a changed weight or setting never reuses a stale
-    entry. Files are written to a temporary name and renamed, so an interrupted write is never read.
+    and the method's options, so a changed weight or setting never reuses a stale entry. Files are written to a temporary name and renamed, so an interrupted write is never read.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -26,14 +25,19 @@ class SVDCache:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def key(weight: torch.Tensor, name: str, rank: int, method: str, niter: int, seed: int) -> str:
+    def key(weight: torch.Tensor, name: str, rank: int, method: str, options: dict) -> str:
+        """The cache key of a weight's decomposition: its bytes, shape and dtype, the layer name, rank, method
+        and the method's options (`options`: niter and seed for "randomized"; seed, tol, oversample and
+        max_iter for "fast"; none count for "full")."""
         h = hashlib.sha256()
         w = weight.detach().contiguous().cpu()
         h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
         settings = {"name": name, "shape": list(w.shape), "dtype": dtype_name(w.dtype), "rank": rank,
                     "method": method}
         if method == "randomized":
-            settings.update(niter=niter, seed=seed)
+            settings.update(niter=options["niter"], seed=options["seed"])
+        elif method == "fast":
+            settings.update({k: options[k] for k in ("seed", "tol", "oversample", "max_iter")})
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()
 

@@ -148,12 +148,7 @@ class SORSATrainer(Trainer):
         """Write the adapter (float32 factors) from the main process."""
         with self.full_trainable_parameters():
             if self.args.should_save:
-                save_adapter(self.accelerator.unwrap_model(self.model), output_dir, metadata=metadata,
-                             factors=self.initial_factors())
-
-    def initial_factors(self) -> dict | None:
-        """Float32 copies of U_0, S_0, Vh_0 to save instead of the layers' own buffers, or None (use those)."""
-        return None
+                save_adapter(self.accelerator.unwrap_model(self.model), output_dir, metadata=metadata)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not sorsa_layers(self.model):

@@ -11,7 +11,6 @@ import contextlib
 
 import torch
 
-from .adapter_io import INITIAL
 from .distributed import gathered_parameters
 from .functional import orthonormal_loss_pair
 from .model import sorsa_layers
@@ -44,16 +43,6 @@ class DeepSpeedSORSATrainer(SORSATrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._regularizer_in_loss = None  # coef · L_o added to this micro-batch's loss
-        # The initial factors define W_res, so the saved ones must be the float32 values used at
-        # initialisation; DeepSpeed before 0.19 casts every buffer to bf16 with the model. The main
-        # process (the one that saves) keeps a CPU copy.
-        self._initial = None
-        if sorsa_layers(self.model) and self.args.process_index == 0:
-            self._initial = {f"{name}.{f}": getattr(layer, f).detach().to("cpu", copy=True)
-                             for name, layer in sorsa_layers(self.model) for f in INITIAL}
-
-    def initial_factors(self) -> dict | None:
-        return self._initial
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,

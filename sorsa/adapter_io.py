@@ -23,6 +23,7 @@ from .config import SORSAConfig
 from .fileio import atomic_save_safetensors, atomic_write_text
 from .layer import SORSALinear
 from .model import replace_module, sorsa_layers
+from .targets import LINEAR_TYPES, features
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -175,14 +176,15 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         p.requires_grad_(False)
     for name in info["layers"]:
         linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, LINEAR_TYPES):
             raise ValueError(f"adapter {path} adapts {name!r}, which is "
-                             f"{'missing from' if linear is None else 'not an nn.Linear in'} "
+                             f"{'missing from' if linear is None else 'not a linear layer in'} "
                              f"{type(base).__name__}: load it onto the base model it was trained from")
         t = {f: tensors[f"{name}.{f}"] for f in FACTORS}
-        if t["U_0"].shape != (linear.out_features, config.rank) or t["Vh_0"].shape != (config.rank, linear.in_features):
-            raise ValueError(f"adapter {path}: layer {name!r} has shape {linear.out_features}x{linear.in_features} "
-                             f"in the base model but the adapter was made for {t['U_0'].shape[0]}x{t['Vh_0'].shape[1]}")
+        out_f, in_f = features(linear)
+        if t["U_0"].shape != (out_f, config.rank) or t["Vh_0"].shape != (config.rank, in_f):
+            raise ValueError(f"adapter {path}: layer {name!r} has shape {out_f}x{in_f} in the base model but the "
+                             f"adapter was made for {t['U_0'].shape[0]}x{t['Vh_0'].shape[1]}")
         layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
         layer.set_factors(t["U_0"], t["S_0"], t["Vh_0"], config.residual_dtype)
         layer.U_p.copy_(t["U_p"]), layer.S_p.copy_(t["S_p"]), layer.Vh_p.copy_(t["Vh_p"])
@@ -231,6 +233,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     rank2 = 2 * layers[0][1].rank
     lora_config = LoraConfig(r=rank2, lora_alpha=rank2, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                              target_modules=[name for name, _ in layers],
+                             fan_in_fan_out=any(layer.transposed for _, layer in layers),  # GPT-2's Conv1D
                              base_model_name_or_path=base_model_name_or_path)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

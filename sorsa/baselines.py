@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import functional as SF
+from .targets import dense_weight
 
 
 def peft_init(method: str, svd: str = "full", niter: int = 4):
@@ -32,9 +33,16 @@ def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules
     PiSSA with svd="fast" is initialised by `pissa_from_svd` with `svd_options` (svd_top's keywords)."""
     from peft import LoraConfig, get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
+    from .targets import ALL_LINEAR, find_target_modules
+
+    if target_modules == [ALL_LINEAR]:
+        target_modules = ALL_LINEAR  # peft's own spelling
+    conv1d = any(isinstance(m, Conv1D) for _, m in find_target_modules(model, target_modules))  # GPT-2
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=target_modules,
                         bias="none", task_type=task_type, init_lora_weights=peft_init(method, svd, niter),
-                        modules_to_save=modules_to_save)
+                        modules_to_save=modules_to_save, fan_in_fan_out=conv1d)
     peft_model = get_peft_model(model, config)
     if method == "pissa" and svd == "fast":
         pissa_from_svd(peft_model, svd, svd_options or {})
@@ -53,12 +61,14 @@ def pissa_from_svd(peft_model, svd: str, options: dict) -> None:
             continue
         base = module.get_base_layer()
         r, s = module.r["default"], module.scaling["default"]
-        U, S, Vh = SF.svd_top(base.weight, r, svd, **options)  # (out, r), (r,), (r, in)
+        W = dense_weight(base)  # (out, in), also for GPT-2's Conv1D
+        U, S, Vh = SF.svd_top(W, r, svd, **options)  # (out, r), (r,), (r, in)
         root = (S / s).sqrt()
         A, B = root[:, None] * Vh, U * root  # (r, in), (out, r)
         module.lora_A["default"].weight.copy_(A)
         module.lora_B["default"].weight.copy_(B)
-        base.weight.data = SF.split_weight(base.weight, B, torch.ones_like(S), A, s, base.weight.dtype)
+        W_res = SF.split_weight(W, B, torch.ones_like(S), A, s, W.dtype)
+        base.weight.data = W_res if isinstance(base, nn.Linear) else W_res.T.contiguous()
     peft_model.peft_config["default"].init_lora_weights = "pissa"
 
 

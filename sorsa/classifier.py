@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .targets import default_targets
+from .targets import ALL_LINEAR, default_targets, find_target_modules
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -45,6 +45,8 @@ def prepare_classifier(cfg, model: nn.Module, svd_cache_dir=None) -> nn.Module:
     for name in keep:
         model.get_submodule(name).float()
     targets = cfg.target_modules or default_targets(getattr(model.config, "model_type", None))
+    if targets in (ALL_LINEAR, [ALL_LINEAR]):  # every linear layer of the encoder, not the head trained fully
+        targets = [name for name, _ in find_target_modules(model, ALL_LINEAR, exclude=tuple(keep))]
     if cfg.peft == "sorsa":
         from .adapter_io import set_modules_to_save
         from .model import apply_sorsa

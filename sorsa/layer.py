@@ -1,7 +1,8 @@
-"""SORSALinear: an nn.Linear whose principal singular part is a trainable U_p diag(S_p) Vh_p.
+"""SORSALinear: a linear layer whose principal singular part is a trainable U_p diag(S_p) Vh_p.
 
-The original layer is wrapped (`base_layer`), not re-created: its weight becomes the frozen W_res
-and its bias stays where it is, so the bias is added exactly once.
+The original layer (an nn.Linear, or transformers' Conv1D with its weight stored transposed) is wrapped
+(`base_layer`), not re-created: its weight becomes the frozen W_res, in its own layout, and its bias stays
+where it is, so the bias is added exactly once.
 """
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import torch
 import torch.nn as nn
 
 from . import functional as SF
+from .targets import LINEAR_TYPES, dense_weight, features
 
 
 class SORSALinear(nn.Module):
     """y = W_res x + b + scale · U_p (S_p ⊙ (Vh_p dropout(x))).
 
-    base_layer: the wrapped nn.Linear (out, in); its weight is W_res, frozen.
+    base_layer: the wrapped nn.Linear (weight (out, in)) or Conv1D (weight (in, out)); its weight is W_res,
+    frozen, kept in the layer's own layout (the math always sees the (out, in) matrix).
     U_p: (out, r), S_p: (r,), Vh_p: (r, in) trainable, in `adapter_dtype` (float32 in the paper,
     over a bf16 residual). U_0, S_0, Vh_0 keep the initial factors: they define W_res, so `save_adapter`
     can store them and `export_lora` can express the change as a LoRA. They are needed only there, so they
@@ -23,14 +26,15 @@ class SORSALinear(nn.Module):
     (for Llama 2 7B at rank 128, 1.3 GB less per GPU).
     """
 
-    def __init__(self, base_layer: nn.Linear, rank: int, scale: float = 1.0, dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Module, rank: int, scale: float = 1.0, dropout: float = 0.0,
                  adapter_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"SORSALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, LINEAR_TYPES):
+            raise TypeError(f"SORSALinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.rank, self.scale = rank, float(scale)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.out_features, self.in_features = features(base_layer)
+        self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D stores Wᵀ
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base_layer.weight.device
         factory = dict(device=device, dtype=adapter_dtype)
@@ -63,15 +67,23 @@ class SORSALinear(nn.Module):
         W_res = W − scale · U diag(S) Vh is computed from the factors as stored (adapter dtype),
         in float32, then cast to `residual_dtype` (default: the weight's current dtype).
         """
-        W = self.base_layer.weight
+        W = dense_weight(self.base_layer)  # (out, in)
         residual_dtype = residual_dtype or W.dtype
         for name, value in (("U_p", U), ("S_p", S), ("Vh_p", Vh), ("U_0", U), ("S_0", S), ("Vh_0", Vh)):
             getattr(self, name).copy_(value)
         # From U_p, S_p, Vh_p as just set (the values of U_0, S_0, Vh_0, on the weight's device): the same
         # arithmetic at initialisation and at reload.
-        W_res = SF.split_weight(W, self.U_p, self.S_p, self.Vh_p, self.scale, residual_dtype)
-        self.base_layer.weight = nn.Parameter(W_res, requires_grad=False)
+        self._set_weight(SF.split_weight(W, self.U_p, self.S_p, self.Vh_p, self.scale, residual_dtype))
         self.merged = False
+
+    def _set_weight(self, W: torch.Tensor) -> None:
+        """Make `W` (out, in) the wrapped layer's frozen weight, in the layer's own layout."""
+        W = W.T.contiguous() if self.transposed else W
+        self.base_layer.weight = nn.Parameter(W, requires_grad=False)
+
+    def residual(self) -> torch.Tensor:
+        """W_res (or the merged weight after `merge()`) as the (out, in) matrix."""
+        return dense_weight(self.base_layer)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · U_p diag(S_p) Vh_p in float32, (out, in); feeds merge and analysis."""
@@ -86,10 +98,10 @@ class SORSALinear(nn.Module):
         """
         if self.merged:
             return
-        W = self.base_layer.weight
-        merged = (W.to(torch.float32) + self.delta_weight()).to(dtype or W.dtype)
-        self.register_buffer("W_res_kept", W.data if keep_residual else None, persistent=False)
-        self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
+        kept = self.base_layer.weight.data
+        W = dense_weight(self.base_layer)  # (out, in)
+        self._set_weight((W.to(torch.float32) + self.delta_weight()).to(dtype or W.dtype))
+        self.register_buffer("W_res_kept", kept if keep_residual else None, persistent=False)
         self.merged = True
 
     @torch.no_grad()

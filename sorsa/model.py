@@ -15,7 +15,7 @@ from .config import SORSAConfig
 from .distributed import from_rank_zero, full_numel, gathered_parameters, is_partitioned, process_rank
 from .layer import SORSALinear
 from .svd_cache import SVDCache
-from .targets import find_target_modules
+from .targets import dense_weight, features, find_target_modules
 
 
 def sorsa_layers(model: nn.Module) -> list[tuple[str, SORSALinear]]:
@@ -34,7 +34,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
 def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.PathLike | None = None,
                 progress: bool = True, batch_init: bool | None = None,
                 batch_memory: int | None = None) -> nn.Module:
-    """Replace every targeted nn.Linear of `model` by a SORSALinear, in place, and freeze the rest.
+    """Replace every targeted linear layer of `model` (nn.Linear, or a GPT-2 style Conv1D) by a SORSALinear,
+    in place, and freeze the rest.
 
     Each weight is decomposed in float32 on its own device and W_res is written back in the residual dtype
     before the next weight (or batch) starts, so the peak extra memory is bounded by one weight's (or one
@@ -50,10 +51,10 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     """
     targets = find_target_modules(model, config.target_modules)
     for name, linear in targets:
-        if config.rank > min(linear.in_features, linear.out_features):
-            raise ValueError(f"rank={config.rank} is larger than min(in, out) = "
-                             f"{min(linear.in_features, linear.out_features)} of layer {name!r} "
-                             f"({linear.out_features}x{linear.in_features}); choose a smaller rank")
+        out_f, in_f = features(linear)
+        if config.rank > min(in_f, out_f):
+            raise ValueError(f"rank={config.rank} is larger than min(in, out) = {min(in_f, out_f)} of layer "
+                             f"{name!r} ({out_f}x{in_f}); choose a smaller rank")
     cache = SVDCache(svd_cache_dir) if svd_cache_dir is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
@@ -126,13 +127,13 @@ def _svd(weight: torch.Tensor, name: str, config: SORSAConfig, cache: SVDCache |
 
 def _decompose_batch(group, config: SORSAConfig, cache: SVDCache | None, log: list) -> list[tuple]:
     """Factors of a group of same-shaped weights: cached ones read, the rest decomposed in one batched call."""
-    keys = [cache.key(linear.weight, name, config.rank, config.svd, config.svd_options()) if cache else None
+    keys = [cache.key(dense_weight(linear), name, config.rank, config.svd, config.svd_options()) if cache else None
             for name, linear in group]
     found = [cache.get(k) if cache else None for k in keys]
     todo = [i for i, f in enumerate(found) if f is None]
     if todo:
         info, start = {}, time.perf_counter()
-        stacked = torch.stack([group[i][1].weight.detach() for i in todo])  # (B, out, in)
+        stacked = torch.stack([dense_weight(group[i][1]).detach() for i in todo])  # (B, out, in)
         U, S, Vh = SF.svd_top(stacked, config.rank, config.svd, info=info, **config.svd_options())
         del stacked
         seconds = (time.perf_counter() - start) / len(todo)
@@ -145,19 +146,19 @@ def _decompose_batch(group, config: SORSAConfig, cache: SVDCache | None, log: li
     return found
 
 
-def _wrap(linear: nn.Linear, config: SORSAConfig, factors) -> SORSALinear:
+def _wrap(linear: nn.Module, config: SORSAConfig, factors) -> SORSALinear:
     """`linear` in a SORSALinear initialised from its top-r SVD factors (U, S, Vh); its weight becomes W_res."""
     layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
     layer.set_factors(*SF.initial_adapter(*factors, config.scale, config.alpha_init), config.residual_dtype)
     return layer
 
 
-def _adapt_layer(name: str, linear: nn.Linear, config: SORSAConfig, cache: SVDCache | None,
+def _adapt_layer(name: str, linear: nn.Module, config: SORSAConfig, cache: SVDCache | None,
                  log: list) -> SORSALinear:
     """One targeted layer wrapped in a SORSALinear (gathered whole while it is decomposed under ZeRO-3)."""
     weight = linear.weight
     with gathered_parameters([weight], modifier_rank=0):  # whole on every rank while it is decomposed
-        factors = _svd(weight, name, config, cache, log)
+        factors = _svd(dense_weight(linear), name, config, cache, log)
         if is_partitioned(weight):
             factors = from_rank_zero(factors)
         layer = _wrap(linear, config, factors)
@@ -190,7 +191,7 @@ def orthonormal_loss(model: nn.Module) -> torch.Tensor:
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every adapter into its weight (W_res + scale · U_p diag(S_p) Vh_p in float32, then cast to
-    `dtype`, default the residual's dtype) and put the plain nn.Linear back. In place; returns the model,
+    `dtype`, default the residual's dtype) and put the plain layer back (nn.Linear or Conv1D, in its own layout). In place; returns the model,
     whose state-dict keys are the base model's. A model without SORSA layers is returned unchanged.
     """
     for name, layer in sorsa_layers(model):

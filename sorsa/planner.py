@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import parse_dtype
+from .targets import LINEAR_TYPES, features
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 # Hub id -> stored config (configs/models/README.md cites each file's source).
@@ -101,10 +102,10 @@ def meta_model(config, rwkv: bool = False) -> nn.Module:
 # ----------------------------------------------------------------------------- parameters
 
 def adapted_layers(model: nn.Module, target_modules) -> list[tuple[str, int, int]]:
-    """(name, out_features, in_features) of every nn.Linear the targets match (SORSA's matching)."""
-    from .model import find_target_modules
+    """(name, out_features, in_features) of every linear layer the targets match (SORSA's matching)."""
+    from .targets import find_target_modules
 
-    return [(name, m.out_features, m.in_features) for name, m in find_target_modules(model, target_modules)]
+    return [(name, *features(m)) for name, m in find_target_modules(model, target_modules)]
 
 
 def trainable_parameters(layers: list[tuple[str, int, int]], method: str, rank: int, total: int) -> int:
@@ -144,8 +145,7 @@ def activation_elements_per_token(model: nn.Module) -> tuple[int, int, int]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = model.config.hidden_size
     layers = model.config.num_hidden_layers
-    linear = sum(m.in_features + m.out_features for m in model.modules()
-                 if isinstance(m, nn.Linear) and m is not head)
+    linear = sum(sum(features(m)) for m in model.modules() if isinstance(m, LINEAR_TYPES) and m is not head)
     per_block = linear // layers + 2 * hidden
     return per_block * layers, per_block, hidden
 
@@ -238,7 +238,7 @@ class RunPlan:
         return self.batch_size * self.accum_steps * self.gpus
 
 
-def plan_run(model: str, *, method: str = "sorsa", rank: int = 128, target_modules, rwkv: bool = False,
+def plan_run(model: str, *, method: str = "sorsa", rank: int = 128, target_modules=None, rwkv: bool = False,
              batch_size: int = 2, accum_steps: int = 64, length: int = 512, precision: str = "bf16",
              grad_cp: bool = False, deepspeed: str | None = None, gpus: int = 1,
              trust_remote_code: bool = False) -> RunPlan:
@@ -257,6 +257,10 @@ def plan_run(model: str, *, method: str = "sorsa", rank: int = 128, target_modul
     finally:
         hf_logging.set_verbosity(verbosity)
     total = _numel(net)
+    if not target_modules:  # the architecture's defaults (sorsa/targets.py)
+        from .targets import default_targets
+
+        target_modules = default_targets(getattr(config, "model_type", None), rwkv=rwkv)
     layers = adapted_layers(net, target_modules) if method != "full" else []
     trainable = trainable_parameters(layers, method, rank, total)
     paper = PAPER_PARAMS.get(model, {})

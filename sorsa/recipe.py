@@ -23,7 +23,7 @@ from .config import RunConfig, dtype_name, load_yaml
 from .glue import glue_task, is_glue
 from .loading import hub_error, load_model, load_tokenizer, precision_dtype, resolve_data_file, resolve_model_name
 from .runs import RESULTS, RunDir, run_dir
-from .targets import default_targets
+from .targets import ALL_LINEAR, default_targets
 
 ACTIONS = ("train", "merge", "test")
 
@@ -54,8 +54,12 @@ def resolve_config(overrides: dict, config_file: str | None = None, require_acti
     return cfg
 
 
-def targets_of(cfg: RunConfig) -> list[str] | str:
-    return cfg.target_modules or default_targets(rwkv=cfg.rwkv)
+def targets_of(cfg: RunConfig, model=None) -> list[str] | str:
+    """The run's target modules: as given ("all-linear" included), else the architecture's defaults
+    (sorsa/targets.py, by the model's config.model_type)."""
+    if cfg.target_modules:
+        return ALL_LINEAR if cfg.target_modules == [ALL_LINEAR] else cfg.target_modules
+    return default_targets(getattr(getattr(model, "config", None), "model_type", None), rwkv=cfg.rwkv)
 
 
 # ----------------------------------------------------------------------------- train
@@ -150,11 +154,12 @@ def prepare_model_for_training(cfg: RunConfig, model):
         from .classifier import prepare_classifier
 
         return prepare_classifier(cfg, model, svd_cache_dir=cfg.svd_cache_path)
+    targets = targets_of(cfg, model)
     if cfg.peft == "sorsa":
-        return apply_sorsa(model, cfg.sorsa_config(targets_of(cfg)), svd_cache_dir=cfg.svd_cache_path)
+        return apply_sorsa(model, cfg.sorsa_config(targets), svd_cache_dir=cfg.svd_cache_path)
     if cfg.peft in ("lora", "pissa"):
-        return apply_peft_baseline(model, cfg.peft, cfg.rank, targets_of(cfg), cfg.dropout, cfg.svd, cfg.svd_niter,
-                                   svd_options=cfg.sorsa_config(targets_of(cfg)).svd_options())
+        return apply_peft_baseline(model, cfg.peft, cfg.rank, targets, cfg.dropout, cfg.svd, cfg.svd_niter,
+                                   svd_options=cfg.sorsa_config(targets).svd_options())
     return model
 
 
@@ -402,7 +407,7 @@ def dry_run(cfg: RunConfig, gpus: int = 1):
 
     model = cfg.model if cfg.model.startswith("builtin:") or not Path(cfg.model).expanduser().exists() \
         else str(Path(cfg.model).expanduser())
-    plan = plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=targets_of(cfg), rwkv=cfg.rwkv,
+    plan = plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=cfg.target_modules, rwkv=cfg.rwkv,
                     batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, length=cfg.length,
                     precision=cfg.precision, grad_cp=cfg.grad_cp, deepspeed=cfg.deepspeed, gpus=gpus,
                     trust_remote_code=cfg.trust_remote_code)

@@ -4,23 +4,47 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
+# The layers an adapter can wrap: nn.Linear (weight (out, in)) and transformers' Conv1D of the GPT-2 family
+# (weight stored transposed, (in, out)).
+LINEAR_TYPES = (nn.Linear, Conv1D)
+ALL_LINEAR = "all-linear"  # every linear layer except the output head (PEFT's meaning)
 # The seven projections of Llama / Mistral / Gemma, as in the paper's runs.
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # RWKV6: time-mix receptance / key / value / gate / output and channel-mix key / value / receptance
 # (the reference's ["attention", "feed_forward"]).
 RWKV_TARGETS = ["attention.receptance", "attention.key", "attention.value", "attention.gate",
                 "attention.output", "feed_forward.key", "feed_forward.value", "feed_forward.receptance"]
-# model_type (config.json) -> default target modules.
+# model_type (config.json) -> default target modules: every linear layer of the blocks, as the paper adapts
+# Llama's. Fused projections (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn) are one weight: one SVD.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": LLAMA_TARGETS,
     "mistral": LLAMA_TARGETS,
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
     "gemma": LLAMA_TARGETS,
+    "gemma2": LLAMA_TARGETS,
+    "qwen2": LLAMA_TARGETS,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D; c_proj is both the attention and the MLP output
     "rwkv6": RWKV_TARGETS,
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"],  # + attention.output
     "roberta": ["query", "key", "value", "output.dense", "intermediate.dense"],  # output.dense: both blocks' outputs
 }
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or a Conv1D."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear or a Conv1D as the (out, in) matrix of y = W x (a view for Conv1D)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 def default_targets(model_type: str | None = None, rwkv: bool = False) -> list[str]:
@@ -39,10 +63,14 @@ def is_target(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> list[tuple[str, nn.Linear]]:
-    """The (name, nn.Linear) pairs matched by `target_modules`: exact name suffixes or a regex."""
+def find_target_modules(model: nn.Module, target_modules: list[str] | str,
+                        exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs matched by `target_modules`: exact name suffixes, a regex, or "all-linear" (every
+    nn.Linear / Conv1D except the output head and the modules under `exclude`)."""
     from .layer import SORSALinear
 
+    if target_modules == ALL_LINEAR or target_modules == [ALL_LINEAR]:
+        return _all_linear(model, exclude)
     matched = []
     for name, module in model.named_modules():
         if not name or not is_target(name, target_modules):
@@ -50,13 +78,28 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
         if isinstance(module, SORSALinear):
             raise ValueError(f"module {name!r} already has a SORSA adapter; apply_sorsa runs once per "
                              "model (merge_and_unload first to adapt again)")
-        if isinstance(module, nn.Linear):
+        if isinstance(module, LINEAR_TYPES):
             matched.append((name, module))
         elif isinstance(target_modules, list) and not any(True for _ in module.children()):
-            raise ValueError(f"target {name!r} is a {type(module).__name__}; SORSA adapts nn.Linear layers "
-                             "only: remove it from target_modules")
+            raise ValueError(f"target {name!r} is a {type(module).__name__}; SORSA adapts nn.Linear (and Conv1D) "
+                             "layers only: remove it from target_modules")
     if not matched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer of "
-                         f"{type(model).__name__}; its linear layers are named {linear}")
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer (nor Conv1D) of "
+                         f"{type(model).__name__}; its linear layers are named {linear} (or use all-linear)")
     return matched
+
+
+def _all_linear(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """Every linear layer except the output head (the output embeddings) and those under `exclude`."""
+    from .layer import SORSALinear
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, LINEAR_TYPES) and m is not head and n
+             and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    if any(isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, SORSALinear) for n, _ in found):
+        raise ValueError("the model already has SORSA adapters; apply_sorsa runs once per model")
+    if not found:
+        raise ValueError(f"target_modules=all-linear: {type(model).__name__} has no linear layer besides its head")
+    return found

@@ -108,12 +108,14 @@ def _check_train_dir(cfg: RunConfig, run: RunDir) -> str | None:
     return str(checkpoints[-1][1]) if cfg.resume and checkpoints else None
 
 
-def _training_data(cfg: RunConfig):
-    from .data import load_train_dataset, tokenize_train_dataset
+def _training_data(cfg: RunConfig, validation: bool = False):
+    """The tokenizer and the tokenized training rows (`validation`: the rows --val-size held out instead)."""
+    from .data import load_train_dataset, split_validation, tokenize_train_dataset
 
     tokenizer = load_tokenizer(cfg)
     train_file = resolve_data_file(cfg.train_file, cfg.cache_path, cfg.run_path, "train")
     dataset = load_train_dataset(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
+    dataset = split_validation(dataset, cfg.val_size)[1 if validation else 0]
     return tokenizer, tokenize_train_dataset(dataset, tokenizer, cfg.train_dataset, cfg.length)
 
 

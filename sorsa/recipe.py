@@ -347,13 +347,20 @@ def report(cfg: RunConfig, names: list[str], out: str | None = None) -> list[Pat
 
 def dry_run(cfg: RunConfig, gpus: int = 1):
     """Print the plan of cfg's training run (sorsa/planner.py): built on the meta device, no weights read."""
-    from .planner import format_plan, plan_run
+    from .planner import format_plan
+
+    plan = plan_of(cfg, gpus)
+    print(format_plan(plan))
+    return plan
+
+
+def plan_of(cfg: RunConfig, gpus: int = 1):
+    """The planner's RunPlan of cfg's training run (targets, parameter counts, memory), without weights."""
+    from .planner import plan_run
 
     model = cfg.model if cfg.model.startswith("builtin:") or not Path(cfg.model).expanduser().exists() \
         else str(Path(cfg.model).expanduser())
-    plan = plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=targets_of(cfg), rwkv=cfg.rwkv,
+    return plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=targets_of(cfg), rwkv=cfg.rwkv,
                     batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, length=cfg.length,
                     precision=cfg.precision, grad_cp=cfg.grad_cp, deepspeed=cfg.deepspeed, gpus=gpus,
                     trust_remote_code=cfg.trust_remote_code)
-    print(format_plan(plan))
-    return plan

@@ -307,6 +307,14 @@ class JobOptions:
                             group="planning (nothing is trained)")
     gpus: int | None = setting(None, "with --dry-run: plan for N GPUs (none: WORLD_SIZE or 1)", metavar="N",
                                group="planning (nothing is trained)")
+    experiment: str | None = setting(
+        None, "run an experiment: a grid of runs, per-method selection on a validation split, seeds, tests, and "
+        "RUN_PATH/NAME/report.md (see README, Experiments); other run flags override its base settings",
+        metavar="FILE.yaml", group="experiments (sweeps, seeds, statistics)")
+    max_parallel: int | None = setting(
+        None, "with --experiment: runs side by side, one per GPU when there are GPUs, else N processes sharing the "
+        "CPU cores (none: the experiment file's max_parallel, else 1)", metavar="N",
+        group="experiments (sweeps, seeds, statistics)")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

@@ -310,6 +310,39 @@ def test(cfg: RunConfig) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- validation
+
+def validation_loss(cfg: RunConfig) -> dict:
+    """The trained run's mean cross-entropy per response token on its validation rows (the --val-size rows held
+    out of the training data, tokenized as for training), with the adapter folded in, in the training
+    precision. Returns {"val_loss", "val_rows", "val_tokens"}."""
+    import torch.nn.functional as F
+
+    from .data import IGNORE_INDEX, CausalLMCollator
+
+    run = run_dir(cfg.run_path, cfg.name)
+    if not cfg.val_size:
+        raise ValueError(f"run {cfg.name!r} has no validation split; set --val-size (rows or a fraction)")
+    if not run.is_done():
+        raise ValueError(f"run {cfg.name!r} has no finished training in {run.path}; run --train first")
+    tokenizer, rows = _training_data(cfg, validation=True)
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    total, tokens = 0.0, 0
+    with run.locked("validate"):
+        model = merged_model(cfg, run).eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(rows), cfg.valid_batch_size):
+                batch = collate([rows[i] for i in range(start, min(start + cfg.valid_batch_size, len(rows)))])
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits.float()  # (B, T, V)
+                labels = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+                total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                         reduction="sum").item()
+                tokens += int((labels != IGNORE_INDEX).sum())
+    return {"val_loss": total / max(tokens, 1), "val_rows": len(rows), "val_tokens": tokens}
+
+
 # ----------------------------------------------------------------------------- analysis, report, plan
 
 def run_dirs(names: list[str], cfg: RunConfig) -> list[RunDir]:

@@ -150,6 +150,12 @@ def test_experiment_configs_load_and_paper_dry_run(capsys):
         assert text.startswith("#") and "Launch:" in text and "Effective batch" in text, f
         exp = load_experiment(str(f))
         assert [a.method for a in exp.arms] == ["sorsa", "pissa", "lora", "full"] and exp.tuned_keys == ["lr"]
+    # configs/mini/<method>.yaml (one arm alone) is the experiment's run of that method at seed 1 and its choice
+    mini = load_experiment(str(ROOT / "configs/experiments/mini.yaml"))
+    for arm in mini.arms:
+        alone = recipe.resolve_config({}, str(ROOT / "configs" / "mini" / f"{arm.method}.yaml"))
+        assert (("lr", alone.lr),) in arm.combos
+        assert alone.training_settings() == mini.spec(arm, (("lr", alone.lr),), 1).config.training_settings()
     paper = load_experiment(str(ROOT / "configs/experiments/llama2_7b_math.yaml"))
     assert paper.base.model == "meta-llama/Llama-2-7b-hf" and paper.base.rank == 128 and paper.seeds == [42, 43, 44]
     assert [t.dataset for t in paper.tests] == ["gsm-8k", "math", "humaneval"]
@@ -169,6 +175,10 @@ def test_experiment_configs_load_and_paper_dry_run(capsys):
     assert plan["per_arm"]["Full FT"]["hours_per_run"] == pytest.approx(6 * n * tokens / rate / 3600, rel=1e-9)
     assert plan["per_arm"]["Full FT"]["hours_per_run"] == pytest.approx(3.56, abs=0.01)
     assert plan["gpu_hours"] == pytest.approx(sum(5 * a["hours_per_run"] for a in plan["per_arm"].values()))
+    # python -m sorsa.experiment is the same command line
+    out = subprocess.run([sys.executable, "-m", "sorsa.experiment", "configs/experiments/llama2_7b_code.yaml",
+                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "trainings: 20" in out.stdout and "humaneval, gsm-8k, math" in out.stdout
 
 
 # ----------------------------------------------------------------------------- a tiny experiment, end to end

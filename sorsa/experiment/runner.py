@@ -200,10 +200,10 @@ def execute(exp: Experiment, jobs: list[Job], workers: int, progress: bool = Tru
             f"{what}, {outcome.seconds:.0f} s" if outcome.ok else f"FAILED ({outcome.error}); log: {outcome.log}"))
         bar.update(1)
 
-    if workers <= 1 or len(jobs) <= 1:
+    if workers <= 1:
         for job in jobs:
             done(run_job(job))
-    elif jobs:
+    elif jobs:  # in workers even for one job: a run's numbers depend on its thread count, so keep it the same
         with _pool(workers) as pool:
             futures = {pool.submit(run_job, job): job for job in jobs}
             for future in as_completed(futures):

@@ -386,3 +386,28 @@ def test_killed_experiment_resumes_to_the_same_report(tiny, tmp_path):
     assert all(o.ok for o in result["outcomes"])
     assert calls["train"] == len(exp.selection_runs()) - len(done)  # finished runs were not trained again
     assert _report_tables(exp.folder) == tiny["calls"][-1]["tables"]
+
+
+def test_validation_accuracy_selects_on_greedy_answers_of_the_held_out_rows(tmp_path, builtin_model_dir):
+    """select.metric val_accuracy: the held-out training rows become a GSM-8K-schema file, each run is scored on it
+    greedily, and the choice is the setting with the highest accuracy."""
+    spec = _tiny_spec(tmp_path, builtin_model_dir)
+    spec.update(grid={"peft": ["sorsa"], "lr": [5e-3, 2e-2], "seed": [1]},
+                select={"keys": ["lr"], "metric": "val_accuracy"}, test=[{**spec["test"][0], "limit": 4}])
+    result = run_experiment(str(_write(tmp_path / "acc.yaml", spec)), progress=False)
+    assert all(o.ok for o in result["outcomes"])
+    exp = result["experiment"]
+    train_rows = [json.loads(line) for line in Path(spec["base"]["train_file"]).read_text().splitlines()]
+    held = [train_rows[i] for i in validation_rows(len(train_rows), 16)]
+    (val_file,) = exp.folder.glob("data/validation-*.jsonl")
+    val_rows = [json.loads(line) for line in val_file.read_text().splitlines()]
+    assert [r["question"] for r in val_rows] == [r["query"] for r in held]  # the 16 held-out rows, numeric answers
+    assert [r["answer"].rsplit("#### ", 1)[1] for r in val_rows] == [r["response"].rsplit(": ", 1)[1] for r in held]
+    values = {}
+    for s in exp.selection_runs():
+        record = json.loads(exp.validation_record(s.name).read_text())
+        measured, _ = _measurement(exp.runs_folder / s.name, str(val_file))
+        assert record["metric"] == "val_accuracy" and record["value"] == measured["accuracy"]
+        assert measured["total"] == record["val_rows"] == 16
+        values[s.combo] = record["value"]
+    assert result["choices"][exp.arms[0]] == max(values, key=values.get)  # the first of equal best ones

@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides, jobs = parse(sys.argv[1:] if argv is None else list(argv))
+        if jobs.experiment:  # a grid of runs, selection, seeds and statistics (sorsa/experiment/)
+            from sorsa.experiment import experiment_job
+
+            experiment_job(jobs.experiment, overrides, jobs.dry_run, jobs.max_parallel, jobs.gpus or 1)
+            return 0
         if jobs.dry_run:  # a plan of the training run: --train is implied
             cfg = recipe.resolve_config({"train": True, **overrides}, jobs.config)
             recipe.dry_run(cfg, jobs.gpus or int(os.environ.get("WORLD_SIZE", "1")))

@@ -88,7 +88,7 @@ def table(rows: dict, rank: int, device_name: str, settings: str) -> str:
             lines.append(f"| {shape} | {method} | {r['seconds']:.2f} s | {row['full']['seconds'] / r['seconds']:.1f}x "
                          f"| {r.get('iterations', '–')} | {r['excess']:.1e} | {r['sigma_error']:.1e} "
                          f"| {r['orthonormality']:.0e} |")
-    lines.append(f"| **whole model (224 layers), extrapolated** | | " + ", ".join(
+    lines.append("| **whole model (224 layers), extrapolated** | | " + ", ".join(
         f"{m} {t:.0f} s ({t / 60:.1f} min)" for m, t in totals.items()) + " | | | | | |")
     return "\n".join(lines)
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# CPU-scale reproduction of the SORSA paper's convergence claim (SORSA vs PiSSA vs LoRA, plus full fine-tuning):
-# pre-train a small Llama model on synthetic arithmetic, sweep learning rates, fine-tune 3 seeds per method,
-# test, analyse; regenerates docs/mini_reproduction.png and docs/mini_reproduction.md (~30 CPU-minutes: ~15 min
-# on 2 free CPU cores, 26 min measured on 2 cores shared with other work).
-# Extra arguments go to scripts/mini_reproduction.py (--quick: a 2-minute smoke run; --fresh: start over).
+# CPU-scale reproduction of the SORSA paper's comparison (SORSA vs PiSSA vs LoRA vs full fine-tuning) as the
+# experiment configs/experiments/mini.yaml: pre-train a small Llama model on synthetic arithmetic, choose each
+# method's learning rate on held-out problems, fine-tune 3 seeds, test, analyse, and regenerate
+# docs/mini_reproduction.md and docs/mini_reproduction.png (see the wall time measured there; ~25 min on 2 cores).
+# --prepare: only build the base model and the data (then: python run.py --experiment configs/experiments/mini.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh

@@ -206,6 +206,8 @@ class RunConfig:
     train_file: str | None = setting(None, "local json/jsonl/parquet (or builtin:) instead of the hub dataset",
                                      group=OPTIM)
     length: int = setting(512, "max tokens of the prompt and of the response, each", flags=("-l",), group=OPTIM)
+    val_size: float = setting(0, "hold out this many training rows (>= 1), or this fraction (< 1), as a validation "
+                              "split; the same rows for every seed and method (experiments select on it)", group=OPTIM)
     # optimisation
     seed: int = setting(42, "random seed (data order, initialisation, dropout)", group=OPTIM)
     lr: float = setting(3e-5, "peak learning rate", group=OPTIM)
@@ -268,6 +270,11 @@ class RunConfig:
         check(self.batch_size >= 1 and self.accum_steps >= 1,
               f"batch_size={self.batch_size!r} and accum_steps={self.accum_steps!r} must be >= 1")
         check(self.warmup >= 0, f"warmup={self.warmup!r} must be >= 0")
+        check(isinstance(self.val_size, (int, float)) and not isinstance(self.val_size, bool) and self.val_size >= 0
+              and (self.val_size < 1 or float(self.val_size).is_integer()),
+              f"val_size={self.val_size!r} is invalid; give a number of rows (>= 1) or a fraction in [0, 1)")
+        if self.val_size >= 1:  # one spelling, so 400 from a YAML file and 400.0 from a flag hash the same
+            self.val_size = int(self.val_size)
         if isinstance(self.mix_precision, str):
             self.mix_precision = [self.mix_precision]
         bad = [p for p in self.mix_precision if p not in PRECISIONS]
@@ -339,6 +346,14 @@ class JobOptions:
                             group="planning (nothing is trained)")
     gpus: int | None = setting(None, "with --dry-run: plan for N GPUs (none: WORLD_SIZE or 1)", metavar="N",
                                group="planning (nothing is trained)")
+    experiment: str | None = setting(
+        None, "run an experiment: a grid of runs, per-method selection on a validation split, seeds, tests, and "
+        "RUN_PATH/NAME/report.md (see README, Experiments); other run flags override its base settings",
+        metavar="FILE.yaml", group="experiments (sweeps, seeds, statistics)")
+    max_parallel: int | None = setting(
+        None, "with --experiment: runs side by side, one per GPU when there are GPUs, else N processes sharing the "
+        "CPU cores (none: the experiment file's max_parallel, else 1)", metavar="N",
+        group="experiments (sweeps, seeds, statistics)")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

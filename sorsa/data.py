@@ -217,6 +217,57 @@ def load_train_dataset(name: str, split: str | None = None, train_file=None, cac
     return ds
 
 
+# ---------------------------------------------------------------------------------------------
+# Validation split: rows held out of the training data (experiments select hyper-parameters on them)
+# ---------------------------------------------------------------------------------------------
+# Fixed, independent of --seed: every run of an experiment, whatever its seed or method, holds out the same rows.
+VALIDATION_SEED = 0
+
+
+def validation_rows(n: int, val_size: float) -> list[int]:
+    """The indices (ascending) of the `val_size` rows (>= 1) or that fraction (< 1) of `n` held out for validation.
+
+    Each row is ranked by sha256("VALIDATION_SEED:index") and the lowest ranks are held out: the choice depends
+    on nothing but n and val_size (no library's random stream), so it is the same on every machine and version.
+    """
+    import hashlib
+
+    if not val_size:
+        return []
+    k = round(n * val_size) if val_size < 1 else int(val_size)
+    if not 1 <= k < n:
+        raise DataError(f"val_size={val_size!r} holds out {k} of the {n} training rows; leave at least one row "
+                        "for training and hold out at least one")
+    rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{VALIDATION_SEED}:{i}".encode()).digest())
+    return sorted(rank[:k])
+
+
+def split_validation(ds, val_size: float):
+    """(training rows, validation rows) of a `datasets.Dataset`: `validation_rows` held out, both parts in the
+    file's order. val_size 0: (ds, an empty dataset)."""
+    held = validation_rows(len(ds), val_size)
+    if not held:
+        return ds, ds.select([])
+    chosen = set(held)
+    return ds.select([i for i in range(len(ds)) if i not in chosen]), ds.select(held)
+
+
+def math_validation_examples(rows, kind: str = "metamath") -> list[dict]:
+    """Math training rows (MetaMathQA schema, responses ending "The answer is: N") as GSM-8K-schema test rows
+    {"question", "answer": "... #### N"}, for validation accuracy by greedy generation. Rows whose answer
+    after the last cue is not a single number (MATH-style LaTeX answers) are left out."""
+    import re
+
+    _, query_col, response_col, _, _ = _spec(kind)
+    number = re.compile(r"^\s*-?[\d,]*\.?\d+\s*\.?\s*$")
+    examples = []
+    for row in rows:
+        answer = row[response_col].rsplit(ANSWER_CUE.strip(), 1)
+        if len(answer) == 2 and number.match(answer[1].lstrip(": ")):
+            examples.append({"question": row[query_col], "answer": f"{answer[0].strip()}\n#### {answer[1].strip(': .')}"})
+    return examples
+
+
 def tokenize_train_dataset(ds, tokenizer, kind: str, max_length: int, num_proc: int | None = None):
     """Tokenize `ds` with the `kind` template ("metamath" or "code") as the reference did.
 

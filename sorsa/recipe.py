@@ -115,8 +115,9 @@ def _check_train_dir(cfg: RunConfig, run: RunDir) -> str | None:
     return str(checkpoints[-1][1]) if cfg.resume and checkpoints else None
 
 
-def _training_data(cfg: RunConfig):
-    from .data import load_train_dataset, tokenize_train_dataset
+def _training_data(cfg: RunConfig, validation: bool = False):
+    """The tokenizer and the tokenized training rows (`validation`: the rows --val-size held out instead)."""
+    from .data import load_train_dataset, split_validation, tokenize_train_dataset
 
     tokenizer = load_tokenizer(cfg)
     train_file = resolve_data_file(cfg.train_file, cfg.cache_path, cfg.run_path, "train")
@@ -126,6 +127,7 @@ def _training_data(cfg: RunConfig):
         dataset = load_glue_train(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
         return tokenizer, tokenize_glue(dataset, tokenizer, cfg.train_dataset, cfg.length)
     dataset = load_train_dataset(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
+    dataset = split_validation(dataset, cfg.val_size)[1 if validation else 0]
     return tokenizer, tokenize_train_dataset(dataset, tokenizer, cfg.train_dataset, cfg.length)
 
 
@@ -366,6 +368,39 @@ def _classifier_measure(cfg: RunConfig, run: RunDir, model_path: str, test_file:
     return measure, make_predictor
 
 
+# ----------------------------------------------------------------------------- validation
+
+def validation_loss(cfg: RunConfig) -> dict:
+    """The trained run's mean cross-entropy per response token on its validation rows (the --val-size rows held
+    out of the training data, tokenized as for training), with the adapter folded in, in the training
+    precision. Returns {"val_loss", "val_rows", "val_tokens"}."""
+    import torch.nn.functional as F
+
+    from .data import IGNORE_INDEX, CausalLMCollator
+
+    run = run_dir(cfg.run_path, cfg.name)
+    if not cfg.val_size:
+        raise ValueError(f"run {cfg.name!r} has no validation split; set --val-size (rows or a fraction)")
+    if not run.is_done():
+        raise ValueError(f"run {cfg.name!r} has no finished training in {run.path}; run --train first")
+    tokenizer, rows = _training_data(cfg, validation=True)
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    total, tokens = 0.0, 0
+    with run.locked("validate"):
+        model = merged_model(cfg, run).eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(rows), cfg.valid_batch_size):
+                batch = collate([rows[i] for i in range(start, min(start + cfg.valid_batch_size, len(rows)))])
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits.float()  # (B, T, V)
+                labels = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+                total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                         reduction="sum").item()
+                tokens += int((labels != IGNORE_INDEX).sum())
+    return {"val_loss": total / max(tokens, 1), "val_rows": len(rows), "val_tokens": tokens}
+
+
 # ----------------------------------------------------------------------------- analysis, report, plan
 
 def run_dirs(names: list[str], cfg: RunConfig) -> list[RunDir]:
@@ -403,13 +438,20 @@ def report(cfg: RunConfig, names: list[str], out: str | None = None) -> list[Pat
 
 def dry_run(cfg: RunConfig, gpus: int = 1):
     """Print the plan of cfg's training run (sorsa/planner.py): built on the meta device, no weights read."""
-    from .planner import format_plan, plan_run
+    from .planner import format_plan
+
+    plan = plan_of(cfg, gpus)
+    print(format_plan(plan))
+    return plan
+
+
+def plan_of(cfg: RunConfig, gpus: int = 1):
+    """The planner's RunPlan of cfg's training run (targets, parameter counts, memory), without weights."""
+    from .planner import plan_run
 
     model = cfg.model if cfg.model.startswith("builtin:") or not Path(cfg.model).expanduser().exists() \
         else str(Path(cfg.model).expanduser())
-    plan = plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=cfg.target_modules, rwkv=cfg.rwkv,
+    return plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=cfg.target_modules, rwkv=cfg.rwkv,
                     batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, length=cfg.length,
                     precision=cfg.precision, grad_cp=cfg.grad_cp, deepspeed=cfg.deepspeed, gpus=gpus,
                     trust_remote_code=cfg.trust_remote_code)
-    print(format_plan(plan))
-    return plan

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 import sorsa.functional as SF
 from sorsa import SORSAConfig, apply_sorsa, sorsa_layers

@@ -3,6 +3,7 @@ reference's dense-delta SORSA forward, interleaved in one run; and full vs rando
 
     python scripts/bench_adapter.py                  # 4096x4096, rank 128, batch 4x256, fp32
     python scripts/bench_adapter.py --dim 1024 --rank 32 --repeats 5
+    python scripts/bench_adapter.py --quantize          # QSORSA vs PEFT QLoRA on a 4-bit NF4 layer (and unquantized)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from sorsa import SORSALinear
 from sorsa import functional as SF
 
 METHODS = ("sorsa", "lora", "dense", "frozen")
+QUANT_METHODS = ("qsorsa", "qlora", "qfrozen", "sorsa", "lora", "frozen")  # --quantize: 4-bit NF4 and the same unquantized
 
 
 class DenseDeltaSORSA(nn.Module):
@@ -37,12 +39,20 @@ class DenseDeltaSORSA(nn.Module):
 
 
 def build(method: str, dim: int, rank: int) -> nn.Module:
+    """One adapted layer; "q…" methods over a 4-bit NF4 base (bitsandbytes): QSORSA's residual, QLoRA's W."""
     torch.manual_seed(0)
     base = nn.Linear(dim, dim, bias=False)
     base.weight.requires_grad_(False)
-    if method == "frozen":
+    spec = None
+    if method.startswith("q"):
+        from sorsa.quant import QuantSpec, quantize_linear
+
+        spec = QuantSpec("nf4", compute_dtype=torch.float32)
+        if method != "qsorsa":
+            base = quantize_linear(base.weight, None, spec)
+    if method in ("frozen", "qfrozen"):
         return base
-    if method == "lora":
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         holder = nn.Sequential()
@@ -50,8 +60,8 @@ def build(method: str, dim: int, rank: int) -> nn.Module:
         return get_peft_model(holder, LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"])).base_model.model.proj
     layer = SORSALinear(base, rank)
     # the factors' values do not change the timing: a cheap randomized SVD
-    layer.set_factors(*SF.initial_adapter(*SF.svd_top(base.weight, rank, "randomized", niter=1)))
-    return layer if method == "sorsa" else DenseDeltaSORSA(layer)
+    layer.set_factors(*SF.initial_adapter(*SF.svd_top(base.weight, rank, "randomized", niter=1)), quant=spec)
+    return layer if method in ("sorsa", "qsorsa") else DenseDeltaSORSA(layer)
 
 
 def step(module: nn.Module, x: torch.Tensor):
@@ -101,7 +111,8 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-svd", action="store_true", help="skip the SVD init timing")
-    ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--quantize", action="store_true", help="4-bit NF4 bases: QSORSA vs QLoRA (bitsandbytes)")
+    ap.add_argument("--memory-of", choices=QUANT_METHODS + ("dense",), help=argparse.SUPPRESS)
     ap.add_argument("--input-grad", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_of:
@@ -109,11 +120,12 @@ def main():
 
     print(f"layer {args.dim}x{args.dim}, rank {args.rank}, batch {args.batch}x{args.seq}, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    modules = {m: build(m, args.dim, args.rank) for m in METHODS}
+    methods = QUANT_METHODS if args.quantize else METHODS
+    modules = {m: build(m, args.dim, args.rank) for m in methods}
     # A leaf input (no gradient to x) is the setting of the first adapted layer and of the brief's
     # measurement; inside a network x also needs its gradient, which adds the same W_res^T g to all.
     inputs = {grad: torch.randn(args.batch, args.seq, args.dim, requires_grad=grad) for grad in (False, True)}
-    times = {(m, grad): [] for m in METHODS for grad in inputs}
+    times = {(m, grad): [] for m in methods for grad in inputs}
     for (m, grad) in times:  # warm-up
         step(modules[m], inputs[grad])
     for _ in range(args.repeats):  # interleaved, so drifts of the machine hit every method alike
@@ -125,13 +137,18 @@ def main():
     for grad in inputs:
         args.input_grad = grad
         print(f"-- input {'requires grad (inside a network)' if grad else 'is a leaf (no input grad)'}")
-        for m in METHODS:
+        for m in methods:
             mem = peak_rss_bytes_of(m, args)
             mem_s = f"{mem / 2**20:8.1f} MiB" if mem is not None else "     n/a"
             print(f"{m:7s} fwd+bwd median {med[(m, grad)]:8.1f} ms (min {min(times[(m, grad)]) * 1e3:7.1f})"
                   f"  peak extra RSS {mem_s}")
-        print(f"ratio SORSA/LoRA = {med[('sorsa', grad)] / med[('lora', grad)]:.3f}   "
-              f"dense/SORSA = {med[('dense', grad)] / med[('sorsa', grad)]:.2f}")
+        if args.quantize:
+            print(f"ratio QSORSA/QLoRA = {med[('qsorsa', grad)] / med[('qlora', grad)]:.3f}   "
+                  f"QSORSA/SORSA = {med[('qsorsa', grad)] / med[('sorsa', grad)]:.2f}   "
+                  f"QLoRA/LoRA = {med[('qlora', grad)] / med[('lora', grad)]:.2f}")
+        else:
+            print(f"ratio SORSA/LoRA = {med[('sorsa', grad)] / med[('lora', grad)]:.3f}   "
+                  f"dense/SORSA = {med[('dense', grad)] / med[('sorsa', grad)]:.2f}")
 
     if not args.no_svd:
         W = torch.randn(args.dim, args.dim)

@@ -12,12 +12,14 @@ Measured, each after warm-up, with torch.cuda.synchronize around the timed regio
 - train_step: forward + backward + AdamW step at rank 128, batch 2 x 512 tokens, bf16 residual with float32
   adapters under bf16 autocast, activation checkpointing off and on; tokens/s and peak memory;
 - generate: greedy decoding of the merged model through transformers' generate (the HF backend's call), batch 1
-  and 64, tokens/s.
+  and 64, tokens/s;
+- the training step again over a 4-bit NF4 base (QSORSA and PEFT QLoRA), when bitsandbytes is installed.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import platform
 import sys
@@ -116,6 +118,17 @@ def adapted(base, method: str, spec: dict):
         return model
     if method in ("lora", "pissa"):
         return apply_peft_baseline(model, method, spec["rank"], LLAMA_TARGETS, svd="fast", svd_options={"seed": 0})
+    if method == "qsorsa":  # a 4-bit NF4 residual (bitsandbytes), the other linear layers 4-bit too
+        return apply_sorsa(model, SORSAConfig(rank=spec["rank"], svd="fast", quantize="nf4", compute_dtype=spec["dtype"]),
+                           progress=False)
+    if method == "qlora":
+        from peft import LoraConfig, get_peft_model
+
+        from sorsa.model import quantize_linear_layers
+        from sorsa.quant import QuantSpec
+
+        quantize_linear_layers(model, QuantSpec("nf4", compute_dtype=spec["dtype"]))
+        return get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], target_modules=LLAMA_TARGETS))
     for p in model.parameters():  # the frozen model: forward and backward to the inputs only
         p.requires_grad_(False)
     return model
@@ -161,7 +174,10 @@ def train_step_rate(model, spec: dict, timer: Timer, checkpointing: bool) -> dic
 
 def bench_train(base, spec: dict, timer: Timer) -> list[dict]:
     rows = []
-    for method in ("frozen", "sorsa", "lora", "pissa", "dense_delta"):
+    methods = ("frozen", "sorsa", "lora", "pissa", "dense_delta")
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        methods += ("qsorsa", "qlora")  # over a 4-bit NF4 base
+    for method in methods:
         model = adapted(base, method, spec)
         for checkpointing in (False, True):
             row = {"method": method, "checkpointing": checkpointing, **train_step_rate(model, spec, timer, checkpointing)}

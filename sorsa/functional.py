@@ -125,6 +125,30 @@ def initial_adapter(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: f
     return U, (S / scale if alpha_init == "tail" else S), Vh
 
 
+def quantized_split(weight: torch.Tensor, rank: int, quantize, dequantize, iters: int = 1, scale: float = 1.0,
+                    alpha_init: str = "tail", method: str = "full",
+                    **svd_options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter (U_p, S_p, Vh_p) over a quantized residual, by PiSSA's alternating initialisation
+    (arXiv 2404.02948, Sec. 4.3 / its init_qpissa.py, as LoftQ): res = W; `iters` (T) times:
+    (U, S, Vh) = top-r SVD of res (`method`, `svd_options`), W_q = Q(W − scale · U_p diag(S_p) Vh_p),
+    res = W − deq(W_q). Each round moves the part of the quantization error that lies in the top-r subspace
+    into the adapter; T = 1 is plain "quantize the SVD tail".
+
+    weight: (out, in); `quantize(W)` -> anything `dequantize` turns back into a float32 (out, in) matrix.
+    Returns the last round's adapter (float32); the caller quantizes W − scale · U_p diag(S_p) Vh_p once
+    more from these factors as stored (SORSALinear.set_factors), which is exactly what a reload does.
+    """
+    if iters < 1:
+        raise ValueError(f"quant_iters={iters} must be >= 1 (1: quantize the residual once)")
+    W = weight.detach().to(torch.float32)  # (out, in)
+    residual = W
+    for round_ in range(iters):
+        factors = initial_adapter(*svd_top(residual, rank, method, **svd_options), scale, alpha_init)
+        if round_ < iters - 1:
+            residual = W - dequantize(quantize(split_weight(W, *factors, scale, torch.float32)))
+    return factors
+
+
 def adapter_forward(x: torch.Tensor, U_p: torch.Tensor, S_p: torch.Tensor, Vh_p: torch.Tensor,
                     scale: float = 1.0) -> torch.Tensor:
     """scale · U_p (S_p ⊙ (Vh_p x)) for x: (..., in) -> (..., out), never forming U_p S_p Vh_p.

@@ -61,9 +61,9 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     log: list[dict] = []
     bar = tqdm(total=len(targets), desc=f"SORSA init ({config.svd} SVD, r={config.rank})", unit="layer",
                disable=not progress or process_rank() != 0, dynamic_ncols=True)
-    for group in _init_groups(targets, batch_init, batch_memory):
+    for group in _init_groups(targets, batch_init, batch_memory, config.quantize is not None):
         if len(group) == 1:
-            layers = [_adapt_layer(*group[0], config, cache, log)]
+            layers = [adapt_linear(*group[0], config, cache, log)]
         else:
             factors = _decompose_batch(group, config, cache, log)
             layers = [_wrap(linear, config, f) for (_, linear), f in zip(group, factors)]
@@ -71,6 +71,8 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
             replace_module(model, name, layer)
         bar.update(len(group))
     bar.close()
+    if config.quantize is not None:  # as QLoRA: the other linear layers (not the output head) quantized too
+        quantize_linear_layers(model, config.quant_spec())
     model.sorsa_config = config
     model.sorsa_init_log = log
     if progress and process_rank() == 0 and config.svd == "fast" and log:
@@ -91,10 +93,11 @@ def init_summary(log: list[dict], config: SORSAConfig) -> str:
             f"{config.svd_max_iter} iterations; largest final change {worst['change']:.1e} ({worst['layer']})")
 
 
-def _init_groups(targets, batch_init: bool | None, batch_memory: int | None) -> list[list]:
-    """The targets in decomposition groups: one weight each, or same-shaped whole weights batched."""
+def _init_groups(targets, batch_init: bool | None, batch_memory: int | None, quantized: bool) -> list[list]:
+    """The targets in decomposition groups: one weight each, or same-shaped whole weights batched (not with a
+    quantized residual, whose rounds run per weight)."""
     on_gpu = bool(targets) and targets[0][1].weight.device.type == "cuda"
-    if not (on_gpu if batch_init is None else batch_init):
+    if quantized or not (on_gpu if batch_init is None else batch_init):
         return [[t] for t in targets]
     if batch_memory is None:
         batch_memory = torch.cuda.mem_get_info()[0] // 4 if on_gpu else 2 ** 31
@@ -110,19 +113,32 @@ def _init_groups(targets, batch_init: bool | None, batch_memory: int | None) -> 
     return out
 
 
-def _svd(weight: torch.Tensor, name: str, config: SORSAConfig, cache: SVDCache | None, log: list):
-    """The top-r SVD of one weight, from the cache or computed (and cached); its record goes to `log`."""
-    key = cache.key(weight, name, config.rank, config.svd, config.svd_options()) if cache else None
+def _factors(weight: torch.Tensor, name: str, config: SORSAConfig, cache: SVDCache | None, log: list):
+    """The initial adapter (U_p, S_p, Vh_p) of one weight: its top-r SVD (from the cache or computed and cached)
+    split by `initial_adapter`, or, for a quantized residual, PiSSA's alternating rounds (the cache then holds
+    their result, under a key with the quantization settings). The record goes to `log`."""
+    options = config.svd_options()
+    spec = config.quant_spec()
+    if spec is not None:
+        options = {**options, "scale": config.scale, "alpha_init": config.alpha_init, "quantize": spec.quant_type,
+                   "quant_iters": config.quant_iters, "quant_blocksize": spec.blocksize, "quant_double": spec.double}
+    key = cache.key(weight, name, config.rank, config.svd, options) if cache else None
     factors = cache.get(key) if cache else None
     if factors is not None:
         log.append({"layer": name, "cached": True})
-        return factors
-    info, start = {}, time.perf_counter()
-    factors = SF.svd_top(weight, config.rank, config.svd, info=info, **config.svd_options())
-    log.append({"layer": name, "seconds": time.perf_counter() - start, **info})
-    if cache is not None and process_rank() == 0:
-        cache.put(key, *factors)
-    return factors
+    else:
+        info, start = {}, time.perf_counter()
+        if spec is not None:
+            from .quant import quantizer
+
+            factors = SF.quantized_split(weight, config.rank, *quantizer(spec), config.quant_iters, config.scale,
+                                         config.alpha_init, config.svd, info=info, **config.svd_options())
+        else:
+            factors = SF.svd_top(weight, config.rank, config.svd, info=info, **config.svd_options())
+        log.append({"layer": name, "seconds": time.perf_counter() - start, **info})
+        if cache is not None and process_rank() == 0:
+            cache.put(key, *factors)
+    return factors if spec is not None else SF.initial_adapter(*factors, config.scale, config.alpha_init)
 
 
 def _decompose_batch(group, config: SORSAConfig, cache: SVDCache | None, log: list) -> list[tuple]:
@@ -138,27 +154,29 @@ def _decompose_batch(group, config: SORSAConfig, cache: SVDCache | None, log: li
         del stacked
         seconds = (time.perf_counter() - start) / len(todo)
         for j, i in enumerate(todo):
-            found[i] = (U[j], S[j], Vh[j])
+            found[i] = (U[j], S[j], Vh[j])  # the SVD; cached as such, split below
             log.append({"layer": group[i][0], "seconds": seconds, "batch": len(todo), **info})
             if cache is not None and process_rank() == 0:
                 cache.put(keys[i], *found[i])
     log.extend({"layer": group[i][0], "cached": True} for i in range(len(group)) if i not in todo)
-    return found
+    return [SF.initial_adapter(*f, config.scale, config.alpha_init) for f in found]
 
 
 def _wrap(linear: nn.Module, config: SORSAConfig, factors) -> SORSALinear:
-    """`linear` in a SORSALinear initialised from its top-r SVD factors (U, S, Vh); its weight becomes W_res."""
+    """`linear` in a SORSALinear initialised with the adapter `factors` (U_p, S_p, Vh_p); its weight becomes
+    W_res (quantized for a quantized config)."""
     layer = SORSALinear(linear, config.rank, config.scale, config.dropout, config.adapter_dtype)
-    layer.set_factors(*SF.initial_adapter(*factors, config.scale, config.alpha_init), config.residual_dtype)
+    layer.set_factors(*factors, config.residual_dtype, quant=config.quant_spec())
     return layer
 
 
-def _adapt_layer(name: str, linear: nn.Module, config: SORSAConfig, cache: SVDCache | None,
-                 log: list) -> SORSALinear:
-    """One targeted layer wrapped in a SORSALinear (gathered whole while it is decomposed under ZeRO-3)."""
+def adapt_linear(name: str, linear: nn.Module, config: SORSAConfig, cache: SVDCache | None = None,
+                 log: list | None = None) -> SORSALinear:
+    """One targeted layer wrapped in a SORSALinear (gathered whole while it is decomposed under ZeRO-3); its
+    SVD record goes to `log`."""
     weight = linear.weight
     with gathered_parameters([weight], modifier_rank=0):  # whole on every rank while it is decomposed
-        factors = _svd(dense_weight(linear), name, config, cache, log)
+        factors = _factors(dense_weight(linear), name, config, cache, log if log is not None else [])
         if is_partitioned(weight):
             factors = from_rank_zero(factors)
         layer = _wrap(linear, config, factors)
@@ -170,6 +188,23 @@ def _adapt_layer(name: str, linear: nn.Module, config: SORSAConfig, cache: SVDCa
             linear.weight = weight
             weight.data.copy_(W_res)
     return layer
+
+
+@torch.no_grad()
+def quantize_linear_layers(model: nn.Module, spec) -> list[str]:
+    """Replace every plain nn.Linear of `model` — not an adapted layer's, not the output head, not one already
+    quantized — by its quantized form (`spec`: a sorsa.quant.QuantSpec), in place; returns their names."""
+    from .quant import is_quantized, quantize_linear
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = {id(layer.base_layer) for _, layer in sorsa_layers(model)}
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+             and id(m) not in inside and not is_quantized(m)]
+    for name in names:
+        module = model.get_submodule(name)
+        replace_module(model, name, quantize_linear(module.weight, module.bias, spec))
+        del module
+    return names
 
 
 # ----------------------------------------------------------------------------- loss / merge

@@ -25,6 +25,8 @@ STORED_CONFIGS = {
     "google/gemma-7b": "gemma-7b.json",
     "RWKV/v6-Finch-7B-HF": "RWKV6-7B.json",
 }
+# Models beyond the paper's table: LLaMA-3-70B of PiSSA's quantized experiment (configs/quantized/).
+MORE_CONFIGS = {"meta-llama/Meta-Llama-3-70B": "quantized/Meta-Llama-3-70B.json"}
 # The paper's trainable-parameter counts (../PAPER.md): adapters at the paper's rank (all seven
 # projections; RWKV6: its eight matrices), and full fine-tuning.
 PAPER_PARAMS = {
@@ -45,8 +47,8 @@ def load_model_config(name: str, rwkv: bool = False, trust_remote_code: bool = F
     The four 7B ids of the paper come from configs/models/ (offline); a local directory from its
     config.json; any other id from the Hugging Face Hub (or its cache).
     """
-    if name in STORED_CONFIGS:
-        path = MODELS_DIR / STORED_CONFIGS[name]
+    if name in STORED_CONFIGS or name in MORE_CONFIGS:
+        path = MODELS_DIR / {**STORED_CONFIGS, **MORE_CONFIGS}[name]
         values = json.loads(path.read_text())
         return _config_from_dict(values, rwkv or values.get("model_type") == "rwkv6"), str(path)
     if name.startswith("builtin:"):
@@ -150,6 +152,24 @@ def activation_elements_per_token(model: nn.Module) -> tuple[int, int, int]:
     return per_block * layers, per_block, hidden
 
 
+def quantizable_params(model: nn.Module) -> int:
+    """Weights of the linear layers that --quantize stores quantized: all but the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, LINEAR_TYPES) and m is not head)
+
+
+def quant_bytes_per_weight(quantize: str | None, blocksize: int = 64, double: bool = True,
+                           in_features: int = 4096) -> float:
+    """Bytes per weight of a quantized layer, statistics included: 4-bit packs two weights a byte plus an absmax
+    per block (float32, or 8-bit with a float32 per 256 blocks under double quantization, QLoRA's); int8 one byte
+    plus a float32 scale per row."""
+    if quantize is None:
+        return 0.0
+    if quantize == "int8":
+        return 1.0 + 4.0 / in_features
+    return 0.5 + ((1.0 + 4.0 / 256) / blocksize if double else 4.0 / blocksize)
+
+
 @dataclass
 class MemoryEstimate:
     """Bytes per GPU by kind (and what ZeRO offload moves to CPU memory), with the assumptions."""
@@ -167,7 +187,8 @@ def estimate_memory(*, total_params: int, trainable: int, method: str, precision
                     tokens: int, vocab: int, act_per_token: int, act_per_block: int, hidden: int,
                     layers: int, grad_cp: bool = False, gpus: int = 1, zero_stage: int = 0,
                     offload_optimizer: bool = False, offload_param: bool = False,
-                    deepspeed: bool = False) -> MemoryEstimate:
+                    deepspeed: bool = False, quantized_params: int = 0,
+                    quant_bytes: float = 0.0) -> MemoryEstimate:
     """Memory per GPU of one training step (AdamW), by kind, in bytes. `total_params`: the base model's.
 
     Without DeepSpeed (this toolkit's Trainer path): the frozen base in the compute precision, the
@@ -178,7 +199,9 @@ def estimate_memory(*, total_params: int, trainable: int, method: str, precision
     parameter; ZeRO-1 partitions the optimizer state over the GPUs, ZeRO-2 also the gradients, ZeRO-3
     also the weights. Activations: `activation_elements_per_token` per token in the compute precision
     (checkpointing keeps each block's input plus one block), and the logits with their float32 copy in
-    the loss. Not counted: the CUDA context, allocator fragmentation and communication buffers.
+    the loss. With --quantize, `quantized_params` of the frozen weights (every linear layer but the head) take
+    `quant_bytes` each (sorsa/quant.py's layouts, statistics included) and the rest the compute precision.
+    Not counted: the CUDA context, allocator fragmentation and communication buffers.
     """
     half = precision in ("bf16", "fp16")
     act = parse_dtype(precision).itemsize  # bytes of one activation element
@@ -191,9 +214,10 @@ def estimate_memory(*, total_params: int, trainable: int, method: str, precision
     optim_part = gpus if zero_stage >= 1 else 1
     gpu, cpu, notes = {}, {}, []
 
-    frozen_b = frozen * base_bytes / weight_part
+    frozen_b = ((frozen - quantized_params) * base_bytes + quantized_params * quant_bytes) / weight_part
     train_w = trainable * (2 if mixed else 4) / weight_part
-    (cpu if offload_param else gpu)["weights (frozen)"] = frozen_b
+    (cpu if offload_param else gpu)["weights (frozen" + (", linear layers quantized)" if quantized_params else ")")] \
+        = frozen_b
     (cpu if offload_param else gpu)["weights (trainable)"] = train_w
     if method == "sorsa":  # needed only to save and export: kept in CPU memory (sorsa/layer.py)
         cpu[INITIAL_FACTORS] = trainable * 4.0
@@ -239,6 +263,7 @@ class RunPlan:
 
 
 def plan_run(model: str, *, method: str = "sorsa", rank: int = 128, target_modules=None, rwkv: bool = False,
+             quantize: str | None = None,
              batch_size: int = 2, accum_steps: int = 64, length: int = 512, precision: str = "bf16",
              grad_cp: bool = False, deepspeed: str | None = None, gpus: int = 1,
              trust_remote_code: bool = False) -> RunPlan:
@@ -271,7 +296,9 @@ def plan_run(model: str, *, method: str = "sorsa", rank: int = 128, target_modul
     zero = read_deepspeed_config(deepspeed)
     per_token, per_block, hidden = activation_elements_per_token(net)
     tokens = 2 * length
+    quantized_params = quantizable_params(net) if quantize else 0
     memory = estimate_memory(total_params=total, trainable=trainable, method=method, precision=precision,
+                             quantized_params=quantized_params, quant_bytes=quant_bytes_per_weight(quantize),
                              batch_size=batch_size, tokens=tokens, vocab=config.vocab_size,
                              act_per_token=per_token, act_per_block=per_block, hidden=hidden,
                              layers=config.num_hidden_layers, grad_cp=grad_cp, gpus=gpus,

@@ -54,12 +54,12 @@ def resolve_config(overrides: dict, config_file: str | None = None, require_acti
     return cfg
 
 
-def targets_of(cfg: RunConfig, model=None) -> list[str] | str:
+def targets_of(cfg: RunConfig, model_type: str | None = None) -> list[str] | str:
     """The run's target modules: as given ("all-linear" included), else the architecture's defaults
     (sorsa/targets.py, by the model's config.model_type)."""
     if cfg.target_modules:
         return ALL_LINEAR if cfg.target_modules == [ALL_LINEAR] else cfg.target_modules
-    return default_targets(getattr(getattr(model, "config", None), "model_type", None), rwkv=cfg.rwkv)
+    return default_targets(model_type, rwkv=cfg.rwkv)
 
 
 # ----------------------------------------------------------------------------- train
@@ -133,7 +133,13 @@ def _training_data(cfg: RunConfig, validation: bool = False):
 
 def _load_for_training(cfg: RunConfig, state):
     """The base model with the method's adapters. Full fine-tuning keeps float32 master weights; the adapter
-    methods load the frozen base in the compute precision (the paper: bf16 residual), adapters float32."""
+    methods load the frozen base in the compute precision (the paper: bf16 residual), adapters float32; with
+    --quantize the base streams in layer by layer and only its quantized form is kept (sorsa/quant_model.py)."""
+    if cfg.quantize:
+        model = _quantized_model(cfg)
+        if cfg.grad_cp and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        return model
     model = load_model(cfg, torch.float32 if cfg.peft == "full" else precision_dtype(cfg.precision))
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
     if cfg.deepspeed and torch.cuda.is_available() and not partitioned:
@@ -147,6 +153,38 @@ def _load_for_training(cfg: RunConfig, state):
     return model
 
 
+def _quantized_source(cfg: RunConfig) -> tuple[Path, list[str] | str]:
+    """The local checkpoint directory of cfg.model and the run's target modules (by its config's model_type)."""
+    from transformers import AutoConfig
+
+    from .loading import local_snapshot
+    from .quant import bitsandbytes
+
+    bitsandbytes()  # one clear error when it is missing
+    model_dir = Path(local_snapshot(resolve_model_name(cfg.model, cfg.cache_path, cfg.run_path), cfg.cache_path,
+                                    cfg.local))
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    return model_dir, targets_of(cfg, getattr(config, "model_type", None))
+
+
+def _quantized_model(cfg: RunConfig, run: RunDir | None = None):
+    """QSORSA, QPiSSA or QLoRA over the streamed quantized base; with `run`, the run's trained model rebuilt from
+    its saved adapter (and, for QPiSSA, its initial adapter), as at training."""
+    from . import quant_model as QM
+
+    model_dir, targets = _quantized_source(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sorsa_cfg = cfg.sorsa_config(targets)
+    if cfg.peft == "sorsa" and run is None:
+        return QM.load_qsorsa(model_dir, sorsa_cfg, targets, cfg.svd_cache_path, device=device)
+    if cfg.peft == "sorsa":
+        return QM.rebuild_qsorsa(model_dir, run.adapter_dir, device=device)
+    init = QM.read_peft_factors(run.pissa_init_dir) if run is not None and cfg.peft == "pissa" else None
+    return QM.load_qpeft(model_dir, cfg.peft, cfg.rank, targets, sorsa_cfg.quant_spec(), cfg.quant_iters, cfg.svd,
+                         sorsa_cfg.svd_options(), init_factors=init, dropout=cfg.dropout, device=device,
+                         adapter_dir=run.adapter_dir if run is not None else None)
+
+
 def prepare_model_for_training(cfg: RunConfig, model):
     """Inject the method's adapters (or leave every weight trainable for full fine-tuning)."""
     from .baselines import apply_peft_baseline
@@ -156,7 +194,7 @@ def prepare_model_for_training(cfg: RunConfig, model):
         from .classifier import prepare_classifier
 
         return prepare_classifier(cfg, model, svd_cache_dir=cfg.svd_cache_path)
-    targets = targets_of(cfg, model)
+    targets = targets_of(cfg, getattr(model.config, "model_type", None))
     if cfg.peft == "sorsa":
         return apply_sorsa(model, cfg.sorsa_config(targets), svd_cache_dir=cfg.svd_cache_path)
     if cfg.peft in ("lora", "pissa"):
@@ -246,9 +284,12 @@ def save_trained(cfg: RunConfig, run: RunDir, trainer, tokenizer):
         init_log = getattr(trainer.accelerator.unwrap_model(trainer.model), "sorsa_init_log", None)
         trainer.save_sorsa_adapter(str(run.adapter_dir), metadata={"base_model": cfg.model, "svd_init": init_log})
     elif cfg.peft in ("lora", "pissa"):
+        # PiSSA is saved converted to a LoRA of the untouched base, except over a quantized residual, where
+        # W − B₀A₀ is not the base: there the adapter is saved as trained, beside its initial adapter.
+        convert = cfg.peft == "pissa" and not cfg.quantize
         with trainer.full_trainable_parameters():
             if trainer.is_world_process_zero():
-                save_peft_adapter(trainer.model, run.adapter_dir, run.pissa_init_dir if cfg.peft == "pissa" else None)
+                save_peft_adapter(trainer.model, run.adapter_dir, run.pissa_init_dir if convert else None)
     else:
         trainer.save_model(str(run.model_dir))  # DeepSpeed: its 16-bit consolidation (ZeRO-3 config)
         if trainer.is_world_process_zero():
@@ -284,6 +325,13 @@ def merged_model(cfg: RunConfig, run: RunDir):
 
     if cfg.peft == "full":
         return load_model(cfg, torch.float32, name=str(run.model_dir))
+    if cfg.quantize:  # the quantized model rebuilt as at training, merged into deq(W_q) + adapter
+        from .quant_model import dequantized
+
+        model = _quantized_model(cfg, run)
+        if cfg.export_lora and cfg.peft == "sorsa":
+            export_lora(model, run.lora_export_dir, base_model_name_or_path=cfg.model)
+        return dequantized(model, precision_dtype(cfg.precision))
     # The base is loaded in the dtype it was trained in, so W_res is re-derived bit for bit;
     # the merge itself is computed in float32 and cast back to that dtype.
     model = load_model(cfg, precision_dtype(cfg.precision))
@@ -452,6 +500,6 @@ def plan_of(cfg: RunConfig, gpus: int = 1):
     model = cfg.model if cfg.model.startswith("builtin:") or not Path(cfg.model).expanduser().exists() \
         else str(Path(cfg.model).expanduser())
     return plan_run(model, method=cfg.peft, rank=cfg.rank, target_modules=cfg.target_modules, rwkv=cfg.rwkv,
-                    batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, length=cfg.length,
+                    quantize=cfg.quantize, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, length=cfg.length,
                     precision=cfg.precision, grad_cp=cfg.grad_cp, deepspeed=cfg.deepspeed, gpus=gpus,
                     trust_remote_code=cfg.trust_remote_code)

@@ -18,7 +18,8 @@ PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 BENCHMARKS = (("gsm8k", "gsm-8k", "GSM-8K"), ("math", "math", "MATH"), ("humaneval", "humaneval", "HumanEval"))
 # A run's model id (hub id or local directory, matched on its last path component) -> the paper's model.
 MODEL_PATTERNS = ((r"llama-?2-7b", "Llama 2 7B"), (r"mistral-7b-v0\.1", "Mistral 7B v0.1"),
-                  (r"gemma-7b", "Gemma 7B"), (r"(rwkv|finch).*7b|7b.*(rwkv|finch)", "RWKV6 7B"))
+                  (r"gemma-7b", "Gemma 7B"), (r"(rwkv|finch).*7b|7b.*(rwkv|finch)", "RWKV6 7B"),
+                  (r"llama-?3-70b", "LLaMA 3 70B"))
 # The GLUE table (sequence-classification runs): task folder, column title, the results.json keys shown (in %).
 # Headline metrics as the LoRA paper and PiSSA report them; MRPC and QQP also F1, STS-B also Spearman.
 GLUE_TABLE = (("glue-mnli", "MNLI-m", ("score",)), ("glue-mnli-mm", "MNLI-mm", ("score",)),
@@ -64,10 +65,16 @@ def paper_model_name(model_id: str, rwkv: bool = False) -> str | None:
     return None
 
 
-def find_paper_row(paper: list[dict], model_id: str, method: str, rwkv: bool = False) -> dict | None:
+def method_label(method: str, quantize: str | None = None) -> str:
+    """The table name of a run's method: "SORSA", ..., with a quantized base "QSORSA", "QPiSSA", "QLoRA"."""
+    return ("Q" if quantize else "") + METHOD_LABELS.get(method, method)
+
+
+def find_paper_row(paper: list[dict], model_id: str, method: str, rwkv: bool = False,
+                   quantize: str | None = None) -> dict | None:
     """The paper's row for a run's model id and peft method, or None when the paper has no such cell."""
     name = paper_model_name(model_id, rwkv)
-    label = METHOD_LABELS.get(method, method)
+    label = method_label(method, quantize)
     return next((r for r in paper if r["model"] == name and r["method"] == label), None)
 
 
@@ -130,8 +137,8 @@ def run_row(run_dir: str | os.PathLike, paper: list[dict] | None = None) -> dict
     cfg = run.read_config()
     method = cfg.get("peft", "sorsa")
     paper_row = find_paper_row(load_paper_results() if paper is None else paper, cfg.get("model", ""), method,
-                               bool(cfg.get("rwkv")))
-    row = {"run": run.name, "model": cfg.get("model"), "method": METHOD_LABELS.get(method, method),
+                               bool(cfg.get("rwkv")), cfg.get("quantize"))
+    row = {"run": run.name, "model": cfg.get("model"), "method": method_label(method, cfg.get("quantize")),
            "rank": None if method == "full" else cfg.get("rank"),
            "trainable_params": count_trainable_params(run.path, method),
            "paper_model": paper_row["model"] if paper_row else None,

@@ -38,6 +38,8 @@ class SVDCache:
             settings.update(niter=options["niter"], seed=options["seed"])
         elif method == "fast":
             settings.update({k: options[k] for k in ("seed", "tol", "oversample", "max_iter")})
+        # a quantized residual's rounds: the entry then holds their adapter, which these settings decide
+        settings.update({k: v for k, v in options.items() if k.startswith("quant") or k in ("scale", "alpha_init")})
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()
 

@@ -43,7 +43,12 @@ def features(module: nn.Module) -> tuple[int, int]:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of an nn.Linear or a Conv1D as the (out, in) matrix of y = W x (a view for Conv1D)."""
+    """The weight of an nn.Linear or a Conv1D as the (out, in) matrix of y = W x (a view for Conv1D;
+    float32 deq(W_q) for a bitsandbytes 4-bit / 8-bit layer)."""
+    from .quant import dequantize_linear, is_quantized
+
+    if is_quantized(module):
+        return dequantize_linear(module)
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 

@@ -186,7 +186,7 @@ def test_report_table_matches_hand_made_runs(tmp_path):
 
 
 def test_paper_results_hold_the_published_table():
-    rows = load_paper_results()
+    rows = [r for r in load_paper_results() if r["model"] != "LLaMA 3 70B"]  # the SORSA paper's table
     cell = {(r["model"], r["method"]): r for r in rows}
     assert len(rows) == 16
     assert (cell[("Llama 2 7B", "SORSA")]["gsm8k"], cell[("Llama 2 7B", "SORSA")]["math"]) == (56.03, 10.36)
@@ -195,6 +195,17 @@ def test_paper_results_hold_the_published_table():
     for (model, method), r in cell.items():  # the † entries: PiSSA's numbers quoted by SORSA
         from_pissa = model != "RWKV6 7B" and method in ("Full FT", "LoRA", "PiSSA")
         assert r["source"].startswith("PiSSA") == from_pissa, (model, method)
+
+
+def test_paper_results_hold_pissas_quantized_llama3_70b_row():
+    quantized = {r["method"]: r for r in load_paper_results() if r["model"] == "LLaMA 3 70B"}
+    assert set(quantized) == {"QLoRA", "QPiSSA"}
+    assert (quantized["QLoRA"]["gsm8k"], quantized["QPiSSA"]["gsm8k"]) == (81.73, 86.05)
+    assert all(r["source"].startswith("PiSSA") and r["math"] is None for r in quantized.values())
+    from sorsa.report import find_paper_row
+
+    row = find_paper_row(load_paper_results(), "meta-llama/Meta-Llama-3-70B", "pissa", quantize="nf4")
+    assert row is quantized["QPiSSA"] or row == quantized["QPiSSA"]
 
 
 # ----------------------------------------------------------------------------- mini reproduction configs

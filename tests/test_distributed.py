@@ -145,13 +145,13 @@ def test_zero2_two_ranks_match_one_process(work, builtin_model_dir, single):
     _assert_matches(adapter, single[0], "ZeRO-2")
 
 
-def _reference_pair(work, model_dir, name, *extra):
+def _reference_pair(work, model_dir, name, *extra, single_extra=()):
     """The reference normalisation: 2 ranks x 4 x accumulation 2 against 1 process x 4 x accumulation 4. The
     regularizer's coefficient is gamma / lr / accumulation steps per rank (the reference's), so the single
     process, with twice the accumulation, needs twice the gamma for the same update."""
     ref = ["--loss-normalization", "reference"]
     single = _run([sys.executable, *_argv(work, model_dir, f"{name}_single", 4, *ref, "--accum-steps", "4",
-                                          "--gamma", "0.1")], work, f"{name}_single")
+                                          "--gamma", "0.1", *single_extra)], work, f"{name}_single")
     return _torchrun(work, model_dir, name, *ref, *extra), single
 
 
@@ -165,3 +165,12 @@ def test_reference_normalisation_under_zero2_matches_one_process(work, builtin_m
     (adapter, done, run_dir), single = _reference_pair(work, builtin_model_dir, "zero2_ref", "--deepspeed",
                                                        str(ROOT / "configs" / "deepspeed" / "zero2.json"))
     _assert_matches(adapter, single[0], "ZeRO-2, reference normalisation")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes ('.[quant]')")
+def test_quantized_base_under_ddp_matches_one_process(work, builtin_model_dir):
+    """QSORSA (a 4-bit NF4 residual, every other linear layer 4-bit) on 2 ranks equals one process."""
+    q = ("--quantize", "nf4")
+    (adapter, done, run_dir), single = _reference_pair(work, builtin_model_dir, "ddp_nf4", *q, single_extra=q)
+    assert done["world_size"] == 2
+    _assert_matches(adapter, single[0], "DDP over a 4-bit base")

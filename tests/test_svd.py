@@ -123,6 +123,10 @@ def test_bench_gpu_runs_on_its_tiny_cpu_shape(tmp_path):
     assert set(init) == {"full", "fast", "randomized"} and all(r["seconds"] > 0 and r["layers"] == 14 for r in init.values())
     steps = result["train_step"]
     assert {"sorsa", "lora", "pissa", "dense_delta", "frozen"} <= {r["method"] for r in steps}
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert {"qsorsa", "qlora"} <= {r["method"] for r in steps}
     assert all(r["tokens_per_s"] > 0 for r in steps)
     assert {r["batch"] for r in result["generate"]} == {1, 4} and all(r["tokens_per_s"] > 0 for r in result["generate"])
     assert "| init |" in out.stdout or "init" in out.stdout

@@ -1,0 +1,213 @@
+"""Models with quantized frozen weights (QSORSA, QPiSSA, QLoRA): a loader that streams a full-precision checkpoint
+one linear layer at a time and keeps only its quantized form, the three methods on top of it, the rebuild of a
+trained run's quantized model, and the merge into a plain checkpoint of deq(W_q) + adapter.
+
+Peak memory while loading: the quantized model plus a few float32 copies of one weight (tests/test_quant_run.py
+measures it flat in the number of layers). Every quantized residual is a deterministic function of the base
+weight and the stored initial factors, so a run never stores its quantized model: it is rebuilt.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .fileio import TensorReader
+from .model import replace_module
+from .quant import QuantSpec, dequantize_linear, is_quantized, quantize_linear
+
+
+def stream_quantized(model_dir: str | Path, spec: QuantSpec, adapt=None, device: str | torch.device = "cpu",
+                     trust_remote_code: bool = False, progress: bool = True) -> nn.Module:
+    """The causal LM of a safetensors checkpoint directory with every linear layer but the output head quantized,
+    built one layer at a time: the skeleton is made on the meta device (buffers real), each linear weight is read
+    from the checkpoint, handed to `adapt(name, nn.Linear)` — which returns its replacement (e.g. a SORSALinear
+    over a quantized residual) or None for plain Q(W) — and freed before the next; the other parameters
+    (embeddings, norms, the head) are read in `spec.compute_dtype`. Returns the model in eval mode, frozen."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if getattr(config, "model_type", None) == "rwkv6" or getattr(config, "quantization_config", None):
+        raise ValueError(f"{model_dir}: quantized loading reads a full-precision Hugging Face causal LM; RWKV6 and "
+                         "already-quantized checkpoints are not supported with --quantize")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=spec.compute_dtype, trust_remote_code=trust_remote_code)
+    reader = TensorReader(model_dir)
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        raise ValueError("--quantize builds nn.Linear layers; GPT-2's Conv1D layers are not supported")
+    for name, module in tqdm(linears, desc=f"quantizing ({spec.quant_type})", unit="layer", disable=not progress):
+        linear = _read_linear(reader, name, module, device)
+        new = adapt(name, linear) if adapt is not None else None
+        if new is None:
+            new = quantize_linear(linear.weight, linear.bias, spec)
+        replace_module(model, name, new)
+        del linear, new  # the full-precision copy goes before the next layer is read
+    _load_the_rest(model, reader, spec.compute_dtype, device, {id(m) for _, m in linears})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _read_linear(reader: TensorReader, name: str, meta: nn.Linear, device) -> nn.Linear:
+    """One linear layer of the checkpoint, in its stored precision, on `device`."""
+    weight = reader.get(reader.weight_key(name)).to(device)  # (out, in)
+    bias_key = f"{name}.bias"
+    linear = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if meta.bias is not None:
+        linear.bias = nn.Parameter(reader.get(bias_key).to(device), requires_grad=False)
+    return linear
+
+
+def _load_the_rest(model: nn.Module, reader: TensorReader, dtype: torch.dtype, device, done: set[int]) -> None:
+    """Every parameter outside the linear layers, from the checkpoint (a tied output head from its embeddings)."""
+    for name, module in model.named_modules():
+        if id(module) in done or is_quantized(module):
+            continue
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            key = f"{name}.{pname}" if name else pname
+            if key in reader:
+                module._parameters[pname] = nn.Parameter(reader.get(key).to(device=device, dtype=dtype),
+                                                         requires_grad=False)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"the checkpoint has no tensors for {missing[:3]}: is it a complete model directory?")
+
+
+# ----------------------------------------------------------------------------- the three methods
+
+def load_qsorsa(model_dir, config, targets, cache_dir=None, device="cpu", progress=True) -> nn.Module:
+    """QSORSA: every target layer a SORSALinear over a quantized residual, initialised from its full-precision
+    weight by `config.quant_iters` alternating rounds (config: a SORSAConfig with `quantize` set); the other
+    linear layers quantized. The model carries `sorsa_config` and `sorsa_init_log` as after apply_sorsa."""
+    from .model import adapt_linear
+    from .svd_cache import SVDCache
+    from .targets import is_target
+
+    cache = SVDCache(cache_dir) if cache_dir is not None else None
+    log: list[dict] = []
+
+    def adapt(name, linear):
+        return adapt_linear(name, linear, config, cache, log) if is_target(name, targets) else None
+
+    model = stream_quantized(model_dir, config.quant_spec(), adapt, device=device, progress=progress)
+    _train_adapters(model)
+    model.sorsa_config, model.sorsa_init_log = config, log
+    return model
+
+
+def rebuild_qsorsa(model_dir, adapter_dir, device="cpu", progress=True) -> nn.Module:
+    """A trained QSORSA model from its saved adapter: each residual rebuilt as Q(W − scale · U_0 diag(S_0) Vh_0)
+    from the full-precision checkpoint (the same bytes as at training, no SVD), the trained factors on top."""
+    from safetensors.torch import load_file
+
+    from .adapter_io import ADAPTER_WEIGHTS, adapter_layer, read_adapter_config
+
+    config, info = read_adapter_config(adapter_dir)
+    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    layers = set(info["layers"])
+
+    def adapt(name, linear):
+        return adapter_layer(name, linear, config, tensors, adapter_dir) if name in layers else None
+
+    model = stream_quantized(model_dir, config.quant_spec(), adapt, device=device, progress=progress)
+    model.sorsa_config = config
+    return model
+
+
+def load_qpeft(model_dir, method: str, rank: int, targets, spec: QuantSpec, iters: int = 1, svd: str = "full",
+               svd_options: dict | None = None, init_factors: dict | None = None, dropout: float = 0.0,
+               device="cpu", progress=True, adapter_dir=None):
+    """QLoRA (method "lora": Q(W) everywhere, PEFT's LoRA init) or QPiSSA ("pissa": each target's residual
+    W − B A quantized after `iters` alternating rounds, A = √S Vh and B = U √S; with `init_factors`
+    ({layer: (A, B)}, from a saved initial adapter) the residual is rebuilt from those instead), as a peft model;
+    with `adapter_dir`, the trained adapter saved there is loaded on top."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from . import functional as SF
+    from .quant import quantizer
+    from .targets import is_target
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def adapt(name, linear):
+        if method != "pissa" or not is_target(name, targets):
+            return None
+        W = linear.weight.to(torch.float32)
+        if init_factors is not None:
+            A, B = init_factors[name]
+        else:
+            U, S, Vh = SF.quantized_split(W, rank, *quantizer(spec), iters, 1.0, "tail", svd, **(svd_options or {}))
+            A, B = S.sqrt()[:, None] * Vh, U * S.sqrt()  # (r, in), (out, r)
+        factors[name] = (A, B)
+        return quantize_linear(SF.split_weight(W, B, torch.ones(rank), A, 1.0, torch.float32), linear.bias, spec)
+
+    model = stream_quantized(model_dir, spec, adapt, device=device, progress=progress)
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, bias="none",
+                                                  target_modules=targets, task_type="CAUSAL_LM",
+                                                  init_lora_weights=method != "pissa"))
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if name in factors:
+                A, B = factors[name]
+                module.lora_A["default"].weight.copy_(A)
+                module.lora_B["default"].weight.copy_(B)
+    return peft_model
+
+
+def read_peft_factors(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (A (r, in), B (out, r))} of a saved peft LoRA adapter (its initial adapter, for QPiSSA)."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+    reader = TensorReader(Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME)
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    layers = [k[len(prefix):-len(suffix)] for k in reader.keys() if k.endswith(suffix)]
+    return {n: (reader.get(f"{prefix}{n}.lora_A.weight").float(), reader.get(f"{prefix}{n}.lora_B.weight").float())
+            for n in layers}
+
+
+def _train_adapters(model: nn.Module) -> None:
+    from .layer import SORSALinear
+
+    for module in model.modules():
+        if isinstance(module, SORSALinear):
+            for p in (module.U_p, module.S_p, module.Vh_p):
+                p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------- merge
+
+@torch.no_grad()
+def dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A plain model from a quantized one, in place: SORSA layers merged (deq(W_q) + scale · U_p diag(S_p) Vh_p),
+    peft LoRA layers merged (deq(W_q) + s · B A), every other quantized layer dequantized; all in `dtype`."""
+    from .layer import plain_linear
+    from .model import merge_and_unload
+
+    model = merge_and_unload(model, dtype=dtype)
+    if hasattr(model, "peft_config"):  # a peft model: fold each LoRA layer into a plain nn.Linear
+        from peft.tuners.lora import LoraLayer
+
+        inner = model.base_model.model
+        for name, module in list(inner.named_modules()):
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                W = dequantize_linear(base) if is_quantized(base) else base.weight.float()
+                A, B = module.lora_A["default"].weight.float(), module.lora_B["default"].weight.float()
+                W = W + module.scaling["default"] * (B @ A)  # (out, in)
+                replace_module(inner, name, plain_linear(W.to(dtype), base.bias))
+        model = inner
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            replace_module(model, name, plain_linear(dequantize_linear(module).to(dtype), module.bias))
+    return model.to(dtype)

@@ -63,11 +63,10 @@ def pissa_from_svd(peft_model, svd: str, options: dict) -> None:
         r, s = module.r["default"], module.scaling["default"]
         W = dense_weight(base)  # (out, in), also for GPT-2's Conv1D
         U, S, Vh = SF.svd_top(W, r, svd, **options)  # (out, r), (r,), (r, in)
-        root = (S / s).sqrt()
-        A, B = root[:, None] * Vh, U * root  # (r, in), (out, r)
+        A, B = SF.pissa_factors(U, S, Vh, s)  # (r, in), (out, r)
         module.lora_A["default"].weight.copy_(A)
         module.lora_B["default"].weight.copy_(B)
-        W_res = SF.split_weight(W, B, torch.ones_like(S), A, s, W.dtype)
+        W_res = SF.lora_residual(W, A, B, s, W.dtype)
         base.weight.data = W_res if isinstance(base, nn.Linear) else W_res.T.contiguous()
     peft_model.peft_config["default"].init_lora_weights = "pissa"
 

@@ -113,6 +113,22 @@ def split_weight(weight: torch.Tensor, U_p: torch.Tensor, S_p: torch.Tensor, Vh_
 ALPHA_INIT = ("tail", "reference")
 
 
+def pissa_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's LoRA factors from top-r triplets (arXiv 2404.02948, Eq. 2-3): A = √(S/s) Vh (r, in) and
+    B = U √(S/s) (out, r), so that s · B A = U diag(S) Vh for the LoRA scale s."""
+    root = (S / scale).sqrt()  # (r,)
+    return root[:, None] * Vh, U * root
+
+
+def lora_residual(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                  residual_dtype: torch.dtype) -> torch.Tensor:
+    """PiSSA's frozen residual W − s · B A in float32, cast to `residual_dtype`; A (r, in), B (out, r) on W's
+    device (the split_weight of a LoRA pair: its 'singular values' are ones)."""
+    ones = torch.ones(B.shape[-1], device=weight.device)
+    return split_weight(weight, B.to(weight.device), ones, A.to(weight.device), scale, residual_dtype)
+
+
 def initial_adapter(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float = 1.0,
                     alpha_init: str = "tail") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adapter (U_p, S_p, Vh_p) at initialisation from the top-r SVD (U: (out, r), S: (r,), Vh: (r, in)).

@@ -15,7 +15,7 @@ from .config import SORSAConfig
 from .distributed import from_rank_zero, full_numel, gathered_parameters, is_partitioned, process_rank
 from .layer import SORSALinear
 from .svd_cache import SVDCache
-from .targets import dense_weight, features, find_target_modules
+from .targets import dense_weight, features, find_target_modules, linear_layers
 
 
 def sorsa_layers(model: nn.Module) -> list[tuple[str, SORSALinear]]:
@@ -50,11 +50,7 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     and the final energy change) is kept in `model.sorsa_init_log`. Returns the model.
     """
     targets = find_target_modules(model, config.target_modules)
-    for name, linear in targets:
-        out_f, in_f = features(linear)
-        if config.rank > min(in_f, out_f):
-            raise ValueError(f"rank={config.rank} is larger than min(in, out) = {min(in_f, out_f)} of layer "
-                             f"{name!r} ({out_f}x{in_f}); choose a smaller rank")
+    check_rank(targets, config.rank)
     cache = SVDCache(svd_cache_dir) if svd_cache_dir is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
@@ -78,6 +74,15 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     if progress and process_rank() == 0 and config.svd == "fast" and log:
         print(f"[sorsa] {init_summary(log, config)}")
     return model
+
+
+def check_rank(targets: list[tuple[str, nn.Module]], rank: int) -> None:
+    """A ValueError naming the first target layer whose min(out, in) is below `rank`."""
+    for name, linear in targets:
+        out_f, in_f = features(linear)
+        if rank > min(in_f, out_f):
+            raise ValueError(f"rank={rank} is larger than min(in, out) = {min(in_f, out_f)} of layer "
+                             f"{name!r} ({out_f}x{in_f}); choose a smaller rank")
 
 
 def init_summary(log: list[dict], config: SORSAConfig) -> str:
@@ -123,7 +128,7 @@ def _factors(weight: torch.Tensor, name: str, config: SORSAConfig, cache: SVDCac
         options = {**options, "scale": config.scale, "alpha_init": config.alpha_init, "quantize": spec.quant_type,
                    "quant_iters": config.quant_iters, "quant_blocksize": spec.blocksize, "quant_double": spec.double}
     key = cache.key(weight, name, config.rank, config.svd, options) if cache else None
-    factors = cache.get(key) if cache else None
+    factors = cache.get(key, weight.device) if cache else None
     if factors is not None:
         log.append({"layer": name, "cached": True})
     else:
@@ -145,7 +150,7 @@ def _decompose_batch(group, config: SORSAConfig, cache: SVDCache | None, log: li
     """Factors of a group of same-shaped weights: cached ones read, the rest decomposed in one batched call."""
     keys = [cache.key(dense_weight(linear), name, config.rank, config.svd, config.svd_options()) if cache else None
             for name, linear in group]
-    found = [cache.get(k) if cache else None for k in keys]
+    found = [cache.get(k, linear.weight.device) if cache else None for k, (_, linear) in zip(keys, group)]
     todo = [i for i, f in enumerate(found) if f is None]
     if todo:
         info, start = {}, time.perf_counter()
@@ -196,10 +201,8 @@ def quantize_linear_layers(model: nn.Module, spec) -> list[str]:
     quantized — by its quantized form (`spec`: a sorsa.quant.QuantSpec), in place; returns their names."""
     from .quant import is_quantized, quantize_linear
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside = {id(layer.base_layer) for _, layer in sorsa_layers(model)}
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
-             and id(m) not in inside and not is_quantized(m)]
+    names = [n for n, m in linear_layers(model, (nn.Linear,)) if id(m) not in inside and not is_quantized(m)]
     for name in names:
         module = model.get_submodule(name)
         replace_module(model, name, quantize_linear(module.weight, module.bias, spec))
@@ -226,8 +229,9 @@ def orthonormal_loss(model: nn.Module) -> torch.Tensor:
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every adapter into its weight (W_res + scale · U_p diag(S_p) Vh_p in float32, then cast to
-    `dtype`, default the residual's dtype) and put the plain layer back (nn.Linear or Conv1D, in its own layout). In place; returns the model,
-    whose state-dict keys are the base model's. A model without SORSA layers is returned unchanged.
+    `dtype`; default the residual's dtype, or for a quantized residual its compute dtype, the merge being
+    deq(W_q) + adapter) and put the plain layer back (nn.Linear or Conv1D, in its own layout). In place; returns
+    the model, whose state-dict keys are the base model's. A model without SORSA layers is returned unchanged.
     """
     for name, layer in sorsa_layers(model):
         layer.merge(dtype)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import parse_dtype
-from .targets import LINEAR_TYPES, features
+from .targets import features, linear_layers
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 # Hub id -> stored config (configs/models/README.md cites each file's source).
@@ -144,18 +144,16 @@ def activation_elements_per_token(model: nn.Module) -> tuple[int, int, int]:
     output (Σ in + out), plus two norm inputs (2 · hidden) per block; attention runs through SDPA /
     flash kernels, so no sequence × sequence matrix is stored. The output head is counted separately.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = model.config.hidden_size
     layers = model.config.num_hidden_layers
-    linear = sum(sum(features(m)) for m in model.modules() if isinstance(m, LINEAR_TYPES) and m is not head)
+    linear = sum(sum(features(m)) for _, m in linear_layers(model))
     per_block = linear // layers + 2 * hidden
     return per_block * layers, per_block, hidden
 
 
 def quantizable_params(model: nn.Module) -> int:
     """Weights of the linear layers that --quantize stores quantized: all but the output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, LINEAR_TYPES) and m is not head)
+    return sum(m.weight.numel() for _, m in linear_layers(model))
 
 
 def quant_bytes_per_weight(quantize: str | None, blocksize: int = 64, double: bool = True,

@@ -31,7 +31,7 @@ class QuantSpec:
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quantize={self.quant_type!r} is unknown; use one of {list(QUANT_TYPES)}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"quant_blocksize={self.blocksize} is not one bitsandbytes supports; use 64 "
+            raise ValueError(f"quant_blocksize={self.blocksize!r} is not one bitsandbytes supports; use 64 "
                              "(QLoRA's), or a power of two from 32 to 4096")
 
 
@@ -117,7 +117,3 @@ def packed_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {"weight": weight.data, **{k: v for k, v in weight.quant_state.as_dict(packed=True).items()
                                       if isinstance(v, torch.Tensor)}}
 
-
-def quantized_bytes(module: nn.Module) -> int:
-    """Bytes a quantized layer holds (the packed weight and its statistics)."""
-    return sum(t.numel() * t.element_size() for t in packed_state(module).values())

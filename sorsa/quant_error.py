@@ -44,8 +44,11 @@ def model_weights(model_dir: str, targets):
     from transformers import AutoConfig
 
     from .fileio import TensorReader
-    from .targets import default_targets, is_target
+    from .targets import ALL_LINEAR, default_targets, is_target
 
+    if targets in (ALL_LINEAR, [ALL_LINEAR]):
+        raise ValueError("--target-modules all-linear needs the model's modules; name them instead (e.g. q_proj "
+                         "v_proj), or leave the option out for the architecture's defaults")
     reader = TensorReader(model_dir)
     if not targets:
         targets = default_targets(getattr(AutoConfig.from_pretrained(model_dir), "model_type", None))
@@ -66,9 +69,11 @@ def synthetic_weights(shapes: list[str]):
 def measure(weights, rank: int, spec: QuantSpec, iters: int, svd: str = "full", progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
-    rows = []
-    for name, W in tqdm(list(weights) if progress else weights, desc="quantization error", disable=not progress):
+    rows = []  # the weights arrive one at a time (a generator): one float32 weight in memory at once
+    for name, W in tqdm(weights, desc="quantization error", unit="layer", disable=not progress):
         rows.append({"layer": name, **layer_errors(W, rank, spec, iters, svd)})
+    if not rows:
+        raise ValueError("no weight to measure: the target modules matched no 2-D weight of the checkpoint")
     return rows
 
 

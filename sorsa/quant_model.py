@@ -15,17 +15,22 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .fileio import TensorReader
-from .model import replace_module
+from .model import check_rank, replace_module
 from .quant import QuantSpec, dequantize_linear, is_quantized, quantize_linear
+from .targets import find_target_modules, linear_layers
 
 
-def stream_quantized(model_dir: str | Path, spec: QuantSpec, adapt=None, device: str | torch.device = "cpu",
-                     trust_remote_code: bool = False, progress: bool = True) -> nn.Module:
+def stream_quantized(model_dir: str | Path, spec: QuantSpec, adapt=None, targets: list[str] | str | None = None,
+                     rank: int | None = None, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                     progress: bool = True) -> nn.Module:
     """The causal LM of a safetensors checkpoint directory with every linear layer but the output head quantized,
     built one layer at a time: the skeleton is made on the meta device (buffers real), each linear weight is read
-    from the checkpoint, handed to `adapt(name, nn.Linear)` — which returns its replacement (e.g. a SORSALinear
-    over a quantized residual) or None for plain Q(W) — and freed before the next; the other parameters
-    (embeddings, norms, the head) are read in `spec.compute_dtype`. Returns the model in eval mode, frozen."""
+    from the checkpoint and, when it is one of `targets` (targets.find_target_modules' rule, checked on the
+    skeleton first: an unmatched target list or a `rank` above a target's min(out, in) is a ValueError before
+    anything is read), handed to `adapt(name, nn.Linear)`, which returns its replacement (e.g. a SORSALinear over
+    a quantized residual) or None for plain Q(W); the full-precision copy is freed before the next layer. The
+    other parameters (embeddings, norms, the head) are read in `spec.compute_dtype`. Returns the model in eval
+    mode, frozen."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -36,13 +41,18 @@ def stream_quantized(model_dir: str | Path, spec: QuantSpec, adapt=None, device:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=spec.compute_dtype, trust_remote_code=trust_remote_code)
     reader = TensorReader(model_dir)
-    head = model.get_output_embeddings()
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    linears = linear_layers(model, (nn.Linear,))
     if any(type(m).__name__ == "Conv1D" for m in model.modules()):
         raise ValueError("--quantize builds nn.Linear layers; GPT-2's Conv1D layers are not supported")
+    chosen = set()
+    if targets is not None:
+        matched = find_target_modules(model, targets)
+        if rank is not None:
+            check_rank(matched, rank)
+        chosen = {name for name, _ in matched}
     for name, module in tqdm(linears, desc=f"quantizing ({spec.quant_type})", unit="layer", disable=not progress):
         linear = _read_linear(reader, name, module, device)
-        new = adapt(name, linear) if adapt is not None else None
+        new = adapt(name, linear) if adapt is not None and name in chosen else None
         if new is None:
             new = quantize_linear(linear.weight, linear.bias, spec)
         replace_module(model, name, new)
@@ -90,15 +100,15 @@ def load_qsorsa(model_dir, config, targets, cache_dir=None, device="cpu", progre
     linear layers quantized. The model carries `sorsa_config` and `sorsa_init_log` as after apply_sorsa."""
     from .model import adapt_linear
     from .svd_cache import SVDCache
-    from .targets import is_target
 
     cache = SVDCache(cache_dir) if cache_dir is not None else None
     log: list[dict] = []
 
     def adapt(name, linear):
-        return adapt_linear(name, linear, config, cache, log) if is_target(name, targets) else None
+        return adapt_linear(name, linear, config, cache, log)
 
-    model = stream_quantized(model_dir, config.quant_spec(), adapt, device=device, progress=progress)
+    model = stream_quantized(model_dir, config.quant_spec(), adapt, targets, config.rank, device=device,
+                             progress=progress)
     _train_adapters(model)
     model.sorsa_config, model.sorsa_init_log = config, log
     return model
@@ -113,12 +123,12 @@ def rebuild_qsorsa(model_dir, adapter_dir, device="cpu", progress=True) -> nn.Mo
 
     config, info = read_adapter_config(adapter_dir)
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    layers = set(info["layers"])
 
     def adapt(name, linear):
-        return adapter_layer(name, linear, config, tensors, adapter_dir) if name in layers else None
+        return adapter_layer(name, linear, config, tensors, adapter_dir)
 
-    model = stream_quantized(model_dir, config.quant_spec(), adapt, device=device, progress=progress)
+    model = stream_quantized(model_dir, config.quant_spec(), adapt, list(info["layers"]), device=device,
+                             progress=progress)
     model.sorsa_config = config
     return model
 
@@ -134,23 +144,22 @@ def load_qpeft(model_dir, method: str, rank: int, targets, spec: QuantSpec, iter
 
     from . import functional as SF
     from .quant import quantizer
-    from .targets import is_target
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def adapt(name, linear):
-        if method != "pissa" or not is_target(name, targets):
+        if method != "pissa":
             return None
         W = linear.weight.to(torch.float32)
         if init_factors is not None:
             A, B = init_factors[name]
         else:
             U, S, Vh = SF.quantized_split(W, rank, *quantizer(spec), iters, 1.0, "tail", svd, **(svd_options or {}))
-            A, B = S.sqrt()[:, None] * Vh, U * S.sqrt()  # (r, in), (out, r)
+            A, B = SF.pissa_factors(U, S, Vh)  # (r, in), (out, r)
         factors[name] = (A, B)
-        return quantize_linear(SF.split_weight(W, B, torch.ones(rank), A, 1.0, torch.float32), linear.bias, spec)
+        return quantize_linear(SF.lora_residual(W, A, B, 1.0, torch.float32), linear.bias, spec)
 
-    model = stream_quantized(model_dir, spec, adapt, device=device, progress=progress)
+    model = stream_quantized(model_dir, spec, adapt, targets, rank, device=device, progress=progress)
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(adapter_dir))
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, bias="none",

@@ -46,11 +46,13 @@ class SVDCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def get(self, key: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...] | None:
+        """The cached (U, S, Vh) on `device` (the weight's, so that ZeRO-3's broadcast and the split see the
+        tensors where freshly computed ones would be), or None."""
         path = self._path(key)
         if not path.exists():
             return None
-        t = load_file(str(path))
+        t = load_file(str(path), device=str(device))
         return t["U"], t["S"], t["Vh"]
 
     def put(self, key: str, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor):

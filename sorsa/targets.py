@@ -95,14 +95,18 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str,
     return matched
 
 
+def linear_layers(model: nn.Module, types: tuple = LINEAR_TYPES) -> list[tuple[str, nn.Module]]:
+    """Every (name, layer) of `types` except the output head (the model's output embeddings): what all-linear
+    adapts, what --quantize stores quantized, what the planner counts."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(n, m) for n, m in model.named_modules() if n and isinstance(m, types) and m is not head]
+
+
 def _all_linear(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     """Every linear layer except the output head (the output embeddings) and those under `exclude`."""
     from .layer import SORSALinear
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, LINEAR_TYPES) and m is not head and n
-             and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    found = [(n, m) for n, m in linear_layers(model) if not any(n == e or n.startswith(e + ".") for e in exclude)]
     if any(isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, SORSALinear) for n, _ in found):
         raise ValueError("the model already has SORSA adapters; apply_sorsa runs once per model")
     if not found:

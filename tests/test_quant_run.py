@@ -69,6 +69,23 @@ def test_quantize_refuses_what_it_cannot_do(tmp_path, capsys, builtin_model_dir)
     assert not (tmp_path / "runs" / "x").exists()  # nothing written
 
 
+def test_quantized_targets_follow_the_matching_rule(builtin_model_dir):
+    from sorsa import SORSAConfig, sorsa_layers
+    from sorsa.quant import is_quantized
+    from sorsa.quant_model import load_qpeft, load_qsorsa, stream_quantized
+
+    cfg = SORSAConfig(rank=4, quantize="nf4", compute_dtype=torch.float32)
+    model = load_qsorsa(builtin_model_dir, cfg, "all-linear", progress=False)  # every linear layer but the head
+    assert len(sorsa_layers(model)) == 14 and type(model.get_output_embeddings()) is torch.nn.Linear
+    assert sum(is_quantized(m) for m in model.modules()) == 14
+    for bad, message in ((["nope_proj"], "matched no nn.Linear"), (["q_proj"], "rank=999")):
+        with pytest.raises(ValueError, match=message):  # checked on the skeleton, before any weight is read
+            stream_quantized(builtin_model_dir, cfg.quant_spec(), lambda n, m: None, bad, rank=999 if
+                             bad == ["q_proj"] else None, progress=False)
+    qpissa = load_qpeft(builtin_model_dir, "pissa", 4, "all-linear", cfg.quant_spec(), progress=False)
+    assert sum(1 for n, _ in qpissa.named_modules() if n.endswith("lora_A.default")) == 14
+
+
 PROBE = r"""
 import gc, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -225,9 +225,10 @@ def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
 
     ΔW = scale · (U_p S_p Vh_p − U_0 S_0 Vh_0): the change from the original weight, so
     `peft.PeftModel.from_pretrained(base, path)` gives the trained model's outputs (up to the rounding
-    of a low-precision residual).
+    of a low-precision residual; over a quantized residual, of the model without its quantization error).
     """
     from peft import LoraConfig
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
     layers = sorsa_layers(model)
     if not layers:
@@ -248,5 +249,5 @@ def export_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
                              base_model_name_or_path=base_model_name_or_path)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    atomic_save_safetensors(tensors, path / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
     lora_config.save_pretrained(str(path))

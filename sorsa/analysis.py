@@ -104,12 +104,14 @@ class _PeftWeights:
 
     @staticmethod
     def _open(directory: Path) -> tuple[float, TensorReader]:
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
         config = json.loads((directory / "adapter_config.json").read_text())
         if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
             raise ValueError(f"{directory}: rank/alpha patterns and DoRA are not supported by the analysis")
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
-        return scale, TensorReader(directory / "adapter_model.safetensors")
+        return scale, TensorReader(directory / SAFETENSORS_WEIGHTS_NAME)
 
     @staticmethod
     def _delta(scale: float, reader: TensorReader, layer: str, device) -> torch.Tensor:
@@ -147,11 +149,11 @@ def _full_ft_layers(base: TensorReader, config) -> list[str]:
     return layers
 
 
-def _opener(method: str, run_dir: Path, full_layers: list[str] | None):
+def _opener(method: str, run: RunDir, full_layers: list[str] | None):
     if method == "sorsa":
         return AdapterFile
     if method in ("lora", "pissa"):
-        init = run_dir / "pissa_init" if method == "pissa" else None
+        init = run.pissa_init_dir if method == "pissa" else None
         return lambda ckpt: _PeftWeights(ckpt, init)
     return lambda ckpt: _FullWeights(ckpt, full_layers)
 
@@ -184,7 +186,7 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         raise FileNotFoundError(f"{run_dir} has no checkpoints (checkpoints/checkpoint-N) and no finished "
                                 "adapter to analyse; train it with --save-steps N first")
     full_layers = _full_ft_layers(base, config) if method == "full" else None
-    opened = [(step, _opener(method, run_dir, full_layers)(path)) for step, path in checkpoints]
+    opened = [(step, _opener(method, run, full_layers)(path)) for step, path in checkpoints]
     layers = opened[0][1].layers
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 

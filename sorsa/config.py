@@ -40,6 +40,11 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The precision flag of a dtype: "bf16", "fp16", else "fp32" (the inverse of loading.precision_dtype)."""
+    return next((p for p in ("bf16", "fp16") if _DTYPES[p] == dtype), "fp32")
+
+
 @dataclass
 class SORSAConfig:
     """How SORSA adapts a model (arXiv 2409.00055, Sec. 3).
@@ -314,6 +319,9 @@ class RunConfig:
         check(not bad, f"report_to {bad} is not supported here; use none, tensorboard or wandb (comma-separated)")
         check(not (self.rwkv and is_glue(self.train_dataset)),
               f"train_dataset={self.train_dataset!r} trains a sequence classifier; RWKV6 has no classification head")
+        check(not (self.val_size and is_glue(self.train_dataset)),
+              f"val_size holds rows out of a generation task's training data; {self.train_dataset} is validated on its "
+              "own validation split (--test), so leave val_size unset")
         if self.quantize is not None:
             check(isinstance(self.quant_iters, int) and self.quant_iters >= 1,
                   f"quant_iters={self.quant_iters!r} is invalid; use an integer >= 1 (PiSSA uses 5)")
@@ -358,7 +366,25 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are: {', '.join(sorted(known))}")
-        return cls(**values)
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        return cls(**{key: _number(key, value, types[key], source) for key, value in values.items()})
+
+
+def _number(key: str, value, type_name: str, source: str):
+    """A numeric setting as a number: YAML 1.1 reads `3e-5` (no dot) as a string, which is converted; a value
+    that is no number (or None where one is required) is a ValueError naming the key."""
+    kind, optional = type_name.split(" | ")[0], type_name.endswith("| None")
+    if kind not in ("int", "float") or isinstance(value, (bool, int, float)) or (value is None and optional):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {key}={value!r} is not a number") from None
+    if kind == "int":
+        if not number.is_integer():
+            raise ValueError(f"{source}: {key}={value!r} is not an integer")
+        return int(number)
+    return number
 
 
 @dataclass

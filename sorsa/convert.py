@@ -59,6 +59,9 @@ def initial_factors(W: torch.Tensor, W_res: torch.Tensor, rank: int, scale: floa
     to float64 precision (float64 throughout). A larger rank means another base model: refused.
     """
     D = W.to(torch.float64) - W_res.to(torch.float64)  # (out, in)
+    if rank > min(D.shape):
+        raise ValueError(f"layer {layer}: rank {rank} is larger than min(out, in) = {min(D.shape)} of its weight "
+                         f"{tuple(D.shape)}: the checkpoint does not fit this base model")
     q = min(rank + 8, *D.shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -108,11 +111,11 @@ def as_run(adapter_dir: Path, run_path: str, name: str) -> Path:
     """Make the converted adapter a finished run RUN_PATH/NAME (its settings from the adapter), so that
     `run.py -n NAME --merge / --test / --analyze / --export-lora` work on it as on a run trained here."""
     from .adapter_io import read_adapter_config
-    from .config import RunConfig, dtype_name
+    from .config import RunConfig, precision_name
     from .runs import run_dir
 
     config, info = read_adapter_config(adapter_dir)
-    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype_name(config.residual_dtype), "fp32")
+    precision = precision_name(config.residual_dtype)
     cfg = RunConfig(name=name, run_path=run_path, model=info["base_model"], peft="sorsa", rank=config.rank,
                     alpha=config.alpha, alpha_init=config.alpha_init, dropout=config.dropout,
                     target_modules=list(config.target_modules), mix_precision=[precision])

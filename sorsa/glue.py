@@ -3,6 +3,7 @@ columns, label counts and scored splits; rows from the hub (nyu-mll/glue) or a l
 in the hub's schema; validation of labels; tokenization of a training set."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,8 @@ def check_rows(rows: list[dict], task: GlueTask, source: str) -> list[dict]:
         if not all(isinstance(row[c], str) for c in task.text_columns):
             raise DataError(f"{source}: row {i}: the columns {list(task.text_columns)} must be text")
         label = row["label"]
-        if isinstance(label, bool) or not isinstance(label, (int, float)):
-            raise DataError(f"{source}: row {i}: label {label!r} is not a number")
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+            raise DataError(f"{source}: row {i}: label {label!r} is not a (finite) number")
         if not task.is_regression:
             if label == -1:
                 raise DataError(f"{source}: row {i} has label -1 (GLUE's hidden test labels); score the "

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, dtype_name, load_yaml
+from .distributed import is_partitioned
 from .glue import glue_task, is_glue
 from .loading import hub_error, load_model, load_tokenizer, precision_dtype, resolve_data_file, resolve_model_name
 from .runs import RESULTS, RunDir, run_dir
@@ -101,9 +102,9 @@ def train(cfg: RunConfig) -> dict:
 
 def _check_train_dir(cfg: RunConfig, run: RunDir) -> str | None:
     """Check the run directory's state; returns the checkpoint to resume from, if any."""
-    checkpoints = [] if cfg.overwrite else run.checkpoints()
     if cfg.overwrite:
         return None
+    checkpoints = run.checkpoints()
     if run.is_done():
         raise ValueError(f"run {cfg.name!r} has finished training ({run.path}); pass --overwrite to train it again "
                          "or choose another --name")
@@ -141,7 +142,7 @@ def _load_for_training(cfg: RunConfig, state):
             model.enable_input_require_grads()
         return model
     model = load_model(cfg, torch.float32 if cfg.peft == "full" else precision_dtype(cfg.precision))
-    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    partitioned = any(is_partitioned(p) for p in model.parameters())
     if cfg.deepspeed and torch.cuda.is_available() and not partitioned:
         model = model.to(state.device)  # ZeRO-1/2: decompose on the GPU; DeepSpeed would move it there anyway
     if partitioned and state.is_main_process:
@@ -352,8 +353,8 @@ def test(cfg: RunConfig) -> dict:
     """Generate greedily on cfg.test_dataset (or, for a GLUE task, classify) and score it into
     RUN/eval/<dataset>/ (resumable); a measurement with other settings (another test file, length,
     precision...) gets its own folder beside it."""
-    from eval.benchmarks import default_max_new_tokens, get_benchmark
-    from eval.generate import make_generator, resolve_backend
+    from eval.benchmarks import get_benchmark
+    from eval.generate import make_generator
     from eval.runner import STOP_STRINGS, evaluate
 
     run = run_dir(cfg.run_path, cfg.name)
@@ -369,10 +370,8 @@ def test(cfg: RunConfig) -> dict:
     if is_glue(dataset) or (run.is_done() and is_glue(cfg.train_dataset)):
         measure, make_predictor = _classifier_measure(cfg, run, model_path, test_file)
     else:
-        max_new_tokens = cfg.max_new_tokens or default_max_new_tokens(dataset)
-        backend = "rwkv" if cfg.rwkv else resolve_backend(cfg.backend)
-        measure = {"model": model_path, "backend": backend, "max_new_tokens": max_new_tokens,
-                   "precision": cfg.test_precision, "test_file": test_file, "greedy": True}
+        measure = measurement_settings(cfg, dataset, model_path, test_file)
+        backend, max_new_tokens = measure["backend"], measure["max_new_tokens"]
 
         def make_predictor():
             return make_generator(model_path, backend=backend, max_new_tokens=max_new_tokens,
@@ -393,6 +392,21 @@ def test(cfg: RunConfig) -> dict:
     return results
 
 
+def measurement_settings(cfg: RunConfig, dataset: str, model_path: str, test_file: str | None) -> dict:
+    """What a measurement of `dataset` depends on: the settings its results.json records and its eval folder
+    (RunDir.eval_dir) is keyed by. A GLUE task: the classifier's input length and precision; a generation
+    benchmark: the backend, the max new tokens (the benchmark's default unless given) and the precision."""
+    from eval.benchmarks import default_max_new_tokens
+    from eval.generate import resolve_backend
+
+    if is_glue(dataset):
+        return {"model": model_path, "classifier": True, "max_length": cfg.length, "precision": cfg.test_precision,
+                "test_file": test_file}
+    return {"model": model_path, "backend": "rwkv" if cfg.rwkv else resolve_backend(cfg.backend),
+            "max_new_tokens": cfg.max_new_tokens or default_max_new_tokens(dataset),
+            "precision": cfg.test_precision, "test_file": test_file, "greedy": True}
+
+
 def _classifier_measure(cfg: RunConfig, run: RunDir, model_path: str, test_file: str | None):
     """The settings of a GLUE measurement and the factory of its classifier (eval/classify.py). A trained run
     is scored only on a GLUE task with its own label count (MNLI's model on MNLI-mm, not SST-2's on MNLI)."""
@@ -406,8 +420,7 @@ def _classifier_measure(cfg: RunConfig, run: RunDir, model_path: str, test_file:
     if run.is_done() and trained_labels != task.num_labels:
         raise ValueError(f"run {cfg.name!r} was trained on {cfg.train_dataset}, which cannot be scored as "
                          f"{task.name} ({task.num_labels} label(s)); score a run trained on that task")
-    measure = {"model": model_path, "classifier": True, "max_length": cfg.length, "precision": cfg.test_precision,
-               "test_file": test_file}
+    measure = measurement_settings(cfg, cfg.test_dataset, model_path, test_file)
 
     def make_predictor():
         return make_classifier(model_path, num_labels=task.num_labels, max_length=cfg.length,

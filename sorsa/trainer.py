@@ -14,10 +14,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .adapter_io import restore_trained_factors, save_adapter
+from .config import LOSS_NORMALIZATIONS
 from .model import orthonormal_loss, sorsa_layers
-
-
-LOSS_NORMALIZATIONS = ("reference", "tokens")
 
 
 @dataclass

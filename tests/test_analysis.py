@@ -205,7 +205,7 @@ def test_paper_results_hold_pissas_quantized_llama3_70b_row():
     from sorsa.report import find_paper_row
 
     row = find_paper_row(load_paper_results(), "meta-llama/Meta-Llama-3-70B", "pissa", quantize="nf4")
-    assert row is quantized["QPiSSA"] or row == quantized["QPiSSA"]
+    assert row == quantized["QPiSSA"]
 
 
 # ----------------------------------------------------------------------------- mini reproduction configs

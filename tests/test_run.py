@@ -80,6 +80,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, builtin_model_dir):
     (tmp_path / "cols.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     (tmp_path / "broken.jsonl").write_text(json.dumps({"query": "q", "response": "r"}) + "\n{not json\n")
     (tmp_path / "bad.yaml").write_text("rnak: 4\n")
+    (tmp_path / "badlr.yaml").write_text("lr: fast\n")
     cases = [
         (["--name", "x", "--train", "--model", str(tmp_path / "nope")], "does not exist"),
         (["--name", "nothere", "--merge"], "has no finished training"),
@@ -89,6 +90,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, builtin_model_dir):
         (["--name", "x", "--train", *good, "--train-file", str(tmp_path / "broken.jsonl")], "line 2"),
         (["--name", "x", "--train", *good, "--train-file", str(tmp_path / "missing.jsonl")], "does not exist"),
         (["--config", str(tmp_path / "bad.yaml"), "--name", "x", "--train"], "unknown key(s) ['rnak']"),
+        (["--config", str(tmp_path / "badlr.yaml"), "--name", "x", "--train"], "lr='fast' is not a number"),
         (["--name", "../x", "--train"], "must stay inside"),
         (["--name", "x"], "nothing to do"),
         (["--name", "x", "--train", "--report-to", "comet"], "not supported here"),
@@ -97,6 +99,17 @@ def test_bad_input_gives_one_line(tmp_path, capsys, builtin_model_dir):
         code, err = call(argv + rp, capsys)
         assert code == 2, argv
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_numbers():
+    import yaml
+
+    from sorsa.config import RunConfig
+
+    values = yaml.safe_load("lr: 3e-5\nmax_steps: 1e2\n")
+    assert values == {"lr": "3e-5", "max_steps": "1e2"}  # YAML 1.1 (PyYAML): strings
+    cfg = RunConfig.from_mapping(values)
+    assert cfg.lr == 3e-5 and cfg.max_steps == 100 and isinstance(cfg.max_steps, int)
 
 
 def test_unreachable_hub_model_is_one_line_without_traceback(tmp_path):

@@ -1,7 +1,7 @@
 """The classification backend: a sequence classifier behind the same interface as a generation backend, so
 GLUE goes through eval.runner (resumable, one JSON line per example, results.json) like the other benchmarks.
 
-A prompt is the JSON list of the example's texts (eval.glue.prompt: one sentence or a pair); the "completion"
+A prompt is the JSON list of the example's texts (eval.glue.prompt_text: one sentence or a pair); the "completion"
 is the predicted label ("0", "1", "2") or, for a regression head (num_labels 1, STS-B), the predicted score.
 """
 from __future__ import annotations

@@ -318,7 +318,7 @@ def load_examples(test_file: str | Path | None = None) -> list[Example]:
 
 def prompt(example: Example) -> str:
     """The paper's test prompt (Alpaca template + "Let's think step by step.")."""
-    from sorsa.data import math_test_prompt  # lazy: scoring alone never imports the library (and torch)
+    from sorsa.data import math_test_prompt  # lazy: the prompt is needed only to generate
 
     return math_test_prompt(example.question)
 

@@ -75,7 +75,7 @@ def load_examples(test_file: str | Path | None = None) -> list[Example]:
 
 def prompt(example: Example) -> str:
     """The paper's "@@ Instruction" code-completion prompt for one problem."""
-    from sorsa.data import humaneval_test_prompt  # lazy: scoring alone never imports the library (and torch)
+    from sorsa.data import humaneval_test_prompt  # lazy: the prompt is needed only to generate
 
     return humaneval_test_prompt(example.question)
 

@@ -66,7 +66,7 @@ def load_examples(test_file: str | Path | None = None) -> list[Example]:
 
 def prompt(example: Example) -> str:
     """The "@@ Instruction" MBPP prompt for one problem (its text and its test asserts)."""
-    from sorsa.data import mbpp_test_prompt  # lazy: scoring alone never imports the library (and torch)
+    from sorsa.data import mbpp_test_prompt  # lazy: the prompt is needed only to generate
 
     return mbpp_test_prompt(example.question, example.meta["tests"])
 

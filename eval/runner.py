@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sorsa.fileio import atomic_write_text, jsonl_text
 from sorsa.runs import EVAL_SETTINGS, GENERATIONS, RESULTS, package_versions
 
-from .benchmarks import BENCHMARKS, MAX_NEW_TOKENS, STOP_STRINGS, get_benchmark  # noqa: F401  (re-exported)
+from .benchmarks import MAX_NEW_TOKENS, STOP_STRINGS, get_benchmark  # noqa: F401  (re-exported)
 
 DEFAULT_CHUNK = 8
 

@@ -29,7 +29,7 @@ from sorsa.synthetic import llm_like_weight  # noqa: E402
 # Llama-2-7B (configs/models/Llama-2-7b-hf.json): (out, in) -> projections per block; 32 blocks.
 LLAMA2_7B = {(4096, 4096): ("q/k/v/o_proj", 4), (11008, 4096): ("gate/up_proj", 2), (4096, 11008): ("down_proj", 1)}
 LAYERS = 32
-METHODS = {"full": {}, "fast": {}, "randomized": {"niter": 4}}
+METHODS = ("full", "randomized", "fast")
 
 
 def measure(W: torch.Tensor, rank: int, method: str, options: dict, sync) -> tuple[float, tuple, dict]:
@@ -54,8 +54,7 @@ def accuracy(W: torch.Tensor, factors, S_full: torch.Tensor, rank: int) -> dict:
 
 def run(shapes, rank: int, device: str, tol: float, oversample: int, max_iter: int) -> dict:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    options = {"full": {}, "randomized": {"niter": 4},
-               "fast": {"tol": tol, "oversample": oversample, "max_iter": max_iter}}
+    options = dict(zip(METHODS, ({}, {"niter": 4}, {"tol": tol, "oversample": oversample, "max_iter": max_iter})))
     small = llm_like_weight(256, 256, seed=1).to(device)
     for method in options:  # warm-up: LAPACK / cuSOLVER initialisation is not part of any row
         SF.svd_top(small, 16, method, **options[method])

@@ -42,11 +42,10 @@ N_TRAIN, N_TEST, DATA_SEED = 4400, 200, 0  # 400 of the training problems are he
 def build_data(out: Path, pre: dict) -> None:
     """Level-2 train/test files (the fine-tuning task) and a level-1 test file (the pre-training task), with no
     test question seen in training or pre-training."""
-    from sorsa.builtin import PRETRAIN_POOL_MAX, _pretrain_pool, make_problems, materialize_dataset
+    from sorsa.builtin import make_problems, materialize_dataset, pretrain_problems
 
     materialize_dataset(out / "data" / "level2", n_train=N_TRAIN, n_test=N_TEST, seed=DATA_SEED, level=2)
-    seen = {p.question for p in _pretrain_pool(min(pre["steps"] * pre["batch_size"], PRETRAIN_POOL_MAX),
-                                               pre["seed"], pre["level"])}
+    seen = {p.question for p in pretrain_problems(pre["steps"], pre["batch_size"], pre["seed"], pre["level"])}
     problems = make_problems(N_TEST, seed=DATA_SEED + 2_000_003, level=1, exclude=seen)
     level1 = out / "data" / "level1" / "test.jsonl"
     level1.parent.mkdir(parents=True, exist_ok=True)
@@ -69,12 +68,12 @@ def build_base(out: Path, pre: dict) -> dict:
     torch.manual_seed(pre["seed"])
     model = LlamaForCausalLM(config)
     info = {"parameters": sum(p.numel() for p in model.parameters()),
-            "loss_before": B.heldout_loss(model, tokenizer, pretrain_seed=pre["seed"])}
+            "loss_before": B.heldout_loss(model, tokenizer, level=pre["level"], pretrain_seed=pre["seed"])}
     started = time.perf_counter()
     losses = B.pretrain(model, tokenizer, pre["steps"], seed=pre["seed"], batch_size=pre["batch_size"], lr=pre["lr"],
                         level=pre["level"])
     info.update(pretrain_seconds=round(time.perf_counter() - started, 1), final_train_loss=losses[-1],
-                loss_after=B.heldout_loss(model, tokenizer, pretrain_seed=pre["seed"]))
+                loss_after=B.heldout_loss(model, tokenizer, level=pre["level"], pretrain_seed=pre["seed"]))
     shutil.rmtree(out / "base", ignore_errors=True)
     model.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
@@ -90,7 +89,8 @@ def prepare(out: Path = OUT) -> dict:
     if marker.is_file() and json.loads(marker.read_text()).get("recipe") == recipe and (out / "base").is_dir():
         return json.loads(marker.read_text())
     print(f"[mini] pre-training the base model ({pre['steps']} steps) and writing the data", flush=True)
-    shutil.rmtree(out / "runs", ignore_errors=True)  # runs fine-tuned from an older base must not be reused
+    for stale in ("runs", "validation", "data"):  # runs from an older base, their validation, its held-out rows
+        shutil.rmtree(out / stale, ignore_errors=True)
     marker.unlink(missing_ok=True)
     build_data(out, pre)
     record = {"recipe": recipe, "base": build_base(out, pre)}

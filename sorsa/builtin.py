@@ -269,6 +269,11 @@ def _pretrain_pool(n: int, seed: int, level: int) -> list[Problem]:
     return make_problems(n, seed=10_000 + seed, level=level)
 
 
+def pretrain_problems(steps: int, batch_size: int, seed: int, level: int) -> list[Problem]:
+    """The problems `pretrain(steps, seed, batch_size, level)` cycles through (to keep test sets apart from them)."""
+    return _pretrain_pool(min(steps * batch_size, PRETRAIN_POOL_MAX), seed, level)
+
+
 def _pretrain_texts(problems: list[Problem], bos: str, eos: str) -> list[str]:
     # The fine-tuning format; the test prompt is its prefix (the response opens with the cue).
     return [MATH_TRAIN_PROMPT.format(bos=bos, query=p.question)
@@ -291,7 +296,7 @@ def pretrain(model, tokenizer, steps: int, seed: int = DEFAULT_PRETRAIN_SEED, ba
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    pool = _pretrain_pool(min(steps * batch_size, PRETRAIN_POOL_MAX), seed, level)
+    pool = pretrain_problems(steps, batch_size, seed, level)
     texts = _pretrain_texts(pool, tokenizer.bos_token, tokenizer.eos_token)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)

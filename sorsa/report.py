@@ -117,18 +117,23 @@ def count_trainable_params(run_dir: Path, method: str) -> int | None:
 
 def measurements(run_dir: Path) -> list[dict]:
     """Every scored measurement of a run (RUN/eval/*/results.json) as {"eval_dir", "dataset", "test_file",
-    "accuracy" (in %), "total"}."""
+    "limit", "accuracy" (in %), "total"}."""
     rows = []
     for r in RunDir(run_dir).eval_results():
         rows.append({"eval_dir": r["eval_dir"], "dataset": r.get("dataset", r["eval_dir"]),
-                     "test_file": r.get("test_file"), "accuracy": 100.0 * float(r["accuracy"]), "total": r.get("total")})
+                     "test_file": r.get("test_file"), "limit": r.get("limit"),
+                     "accuracy": 100.0 * float(r["accuracy"]), "total": r.get("total")})
     return rows
 
 
 def read_accuracy(run_dir: Path, dataset: str) -> float | None:
-    """Accuracy in % of the run's first measurement on `dataset` (RUN/eval/<dataset>/), or None when the run
-    was not tested on it; further measurements (other test files) are in `measurements`."""
-    return next((m["accuracy"] for m in measurements(run_dir) if m["eval_dir"] == dataset), None)
+    """Accuracy in % of the run on `dataset`: its measurement on the benchmark's own whole test set (no test file,
+    no limit) when there is one, else its first measurement (RUN/eval/<dataset>/); None when the run was not
+    tested on it. Every measurement (other test files, an experiment's validation rows) is in `measurements`."""
+    found = [m for m in measurements(run_dir) if m["dataset"] == dataset]
+    whole = [m for m in found if m["test_file"] is None and m["limit"] is None]
+    first = [m for m in found if m["eval_dir"] == dataset]
+    return next((m["accuracy"] for m in whole + first), None)
 
 
 def run_row(run_dir: str | os.PathLike, paper: list[dict] | None = None) -> dict:
@@ -209,7 +214,7 @@ def glue_table(run_dirs: list[str | os.PathLike]) -> str:
         if not any(task in results for task, _, _ in GLUE_TABLE):
             continue
         cfg = run.read_config()
-        cells = [run.name, str(cfg.get("model")), METHOD_LABELS.get(cfg.get("peft", "sorsa"), cfg.get("peft"))]
+        cells = [run.name, str(cfg.get("model")), method_label(cfg.get("peft", "sorsa"), cfg.get("quantize"))]
         for task, _, keys in GLUE_TABLE:
             r = results.get(task)
             cells.append("–" if r is None else "/".join(_num(None if r.get(k) is None else 100.0 * r[k]) for k in keys))

@@ -411,3 +411,24 @@ def test_validation_accuracy_selects_on_greedy_answers_of_the_held_out_rows(tmp_
         assert measured["total"] == record["val_rows"] == 16
         values[s.combo] = record["value"]
     assert result["choices"][exp.arms[0]] == max(values, key=values.get)  # the first of equal best ones
+
+
+@pytest.mark.parametrize("dataset", ["gsm-8k", "mbpp", "glue-sst2"])
+def test_find_measurement_knows_every_benchmark_the_spec_accepts(tmp_path, dataset):
+    from sorsa.experiment.results import find_measurement
+    from sorsa.experiment.spec import TestSet
+    from sorsa.runs import RESULTS, run_dir
+
+    train = "glue-sst2" if dataset.startswith("glue") else "metamath"
+    cfg = RunConfig(name="r", run_path=str(tmp_path), model="some/model", train_dataset=train)
+    test = TestSet(dataset, dataset, str(tmp_path / "test.jsonl"), None)
+    assert find_measurement(cfg, test) is None  # not measured yet (and no KeyError for MBPP or GLUE)
+    run = run_dir(cfg.run_path, cfg.name)
+    settings = recipe.measurement_settings(cfg, dataset, str(run.merged_dir), test.file)
+    out = run.eval_dir(dataset, settings)
+    out.mkdir(parents=True)
+    (out / RESULTS).write_text(json.dumps({"dataset": dataset, "limit": None, "settings": settings,
+                                           "accuracy": 0.5, "correct": 1, "total": 2}))
+    assert find_measurement(cfg, test)["accuracy"] == 0.5
+    other = RunConfig(name="r", run_path=str(tmp_path), model="some/model", train_dataset=train, test_precision="fp32")
+    assert find_measurement(other, test) is None  # another precision is another measurement

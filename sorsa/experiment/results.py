@@ -15,14 +15,14 @@ from .spec import METRICS, Arm, Experiment, TestSet
 def find_measurement(cfg: RunConfig, test: TestSet, trained: bool = True) -> dict | None:
     """The results.json (with "eval_dir" added) of `test` on the run of `cfg`, measured with the settings the
     experiment uses: its merged model when `trained`, else cfg.model scored as it is. None when not measured."""
-    from eval.benchmarks import MAX_NEW_TOKENS
-
     from ..loading import resolve_data_file, resolve_model_name
+    from ..recipe import measurement_settings
 
     run = run_dir(cfg.run_path, cfg.name)
     model = str(run.merged_dir) if trained else resolve_model_name(cfg.model, cfg.cache_path, cfg.run_path)
-    want = {"model": model, "test_file": resolve_data_file(test.file, cfg.cache_path, cfg.run_path, "test"),
-            "max_new_tokens": cfg.max_new_tokens or MAX_NEW_TOKENS[test.dataset], "precision": cfg.test_precision}
+    test_file = resolve_data_file(test.file, cfg.cache_path, cfg.run_path, "test")
+    want = measurement_settings(cfg, test.dataset, model, test_file)
+    want.pop("backend", None)  # hf or vLLM (auto) may differ between machines; either measurement counts
     for result in run.eval_results():
         found = result.get("settings") or {}
         if result.get("dataset") == test.dataset and result.get("limit") == test.limit and \
@@ -49,8 +49,19 @@ def read_validation(exp: Experiment, cfg: RunConfig) -> float | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    same = record.get("settings_hash") == settings_hash(cfg.training_settings()) and record.get("metric") == exp.metric
+    same = record_matches(record, settings_hash(cfg.training_settings()), training_identity(cfg)) \
+        and record.get("metric") == exp.metric
     return record["value"] if same else None
+
+
+def training_identity(cfg: RunConfig) -> str:
+    """A hash of the run's completion marker (its settings hash and training summary: steps, losses): another
+    training of the run, even with the same settings (e.g. from a rebuilt base model), changes it."""
+    return settings_hash(run_dir(cfg.run_path, cfg.name).read_done())
+
+
+def record_matches(record: dict, digest: str, trained: str) -> bool:
+    return record.get("settings_hash") == digest and record.get("trained") == trained
 
 
 def selection_table(exp: Experiment) -> list[dict]:

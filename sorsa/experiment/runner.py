@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..fileio import atomic_write_text, jsonl_text
 from ..runs import RunDir, run_dir, settings_hash
-from .results import choose, find_measurement, selection_table
+from .results import choose, find_measurement, record_matches, selection_table, training_identity
 from .spec import Experiment, TestSet, load_experiment
 
 
@@ -110,13 +110,15 @@ def _saved_settings_hash(run: RunDir) -> str | None:
 
 
 def ensure_validated(job: Job) -> None:
-    """Write the run's validation record (metric, value, the settings hash it belongs to) unless it is there."""
+    """Write the run's validation record (metric, value, the settings hash and the training it belongs to)
+    unless it is there for this very training (a run retrained with the same settings gets a new record)."""
     from .. import recipe
 
     cfg = job.config
     path = Path(job.validation_record)
     digest = settings_hash(cfg.training_settings())
-    if path.is_file() and json.loads(path.read_text()).get("settings_hash") == digest:
+    trained = training_identity(cfg)
+    if path.is_file() and record_matches(json.loads(path.read_text()), digest, trained):
         return
     if job.metric == "val_loss":
         record = recipe.validation_loss(cfg)
@@ -124,8 +126,8 @@ def ensure_validated(job: Job) -> None:
     else:  # greedy generation on the held-out rows, scored as GSM-8K
         result = ensure_scored(cfg, TestSet("validation", "gsm-8k", job.validation_file, None), trained=True)
         record, value = {"val_rows": result["total"]}, result["accuracy"]
-    atomic_write_text(path, json.dumps({"run": cfg.name, "settings_hash": digest, "metric": job.metric,
-                                        "value": value, **record}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"run": cfg.name, "settings_hash": digest, "trained": trained,
+                                        "metric": job.metric, "value": value, **record}, indent=2) + "\n")
 
 
 def ensure_scored(cfg: RunConfig, test: TestSet, trained: bool) -> dict:

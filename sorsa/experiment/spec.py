@@ -24,7 +24,7 @@ ANALYZE_KEYS = ("top_k",)
 # What the experiment decides for each of its runs; in `base` (a run config file, say) these are ignored.
 RUN_OWNED = ("name", "train", "merge", "test", "overwrite", "resume")
 # The experiment folder RUN_PATH/NAME/: every name in it is spelled here.
-RUNS, VALIDATION, LOGS, DATA, RESOLVED = "runs", "validation", "logs", "data", "experiment.yaml"
+RUNS, VALIDATION, LOGS, DATA = "runs", "validation", "logs", "data"
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,10 @@ class Experiment:
         return self._specs[key]
 
     def _run_name(self, point: dict) -> str:
-        parts = [point["peft"]] + [f"{k}{show(point[k], slug=True)}" for k in self.grid if k != "peft"]
-        return "_".join(parts)
+        keys = [k for k in self.grid if k != "peft"]
+        if "seed" not in keys and len(set(self.seeds) | set(self.select_seeds)) > 1:  # select.seeds beside the base seed
+            keys.append("seed")
+        return "_".join([point["peft"]] + [f"{k}{show(point[k], slug=True)}" for k in keys])
 
     def selection_runs(self) -> list[RunSpec]:
         """Every tuned setting of every arm with each selection seed (with nothing tuned: none)."""
@@ -256,6 +258,12 @@ def _tests(raw, source: str, base: RunConfig) -> list[TestSet]:
     return tests
 
 
+def _is_number(value, kind: type, least: float) -> bool:
+    """An int (kind int) or an int or float (kind float), not a bool, >= least."""
+    kinds = (int,) if kind is int else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and value >= least
+
+
 def _options(raw: dict, source: str) -> dict:
     """analyze, stats, plan, max_parallel and keep_merged, checked."""
     analyze = raw.get("analyze", False)
@@ -263,10 +271,17 @@ def _options(raw: dict, source: str) -> dict:
         _check_keys(analyze, ANALYZE_KEYS, f"{source}: analyze")
     elif not isinstance(analyze, bool):
         raise ValueError(f"{source}: analyze must be true, false or {{top_k: K}}")
+    if isinstance(analyze, dict) and not _is_number(analyze.get("top_k", 1), int, 1):
+        raise ValueError(f"{source}: analyze.top_k must be an integer >= 1, got {analyze['top_k']!r}")
     stats = {**STATS_DEFAULTS, **_check_keys(raw.get("stats") or {}, tuple(STATS_DEFAULTS), f"{source}: stats")}
-    if not (0.5 <= stats["confidence"] < 1 and int(stats["bootstrap"]) >= 100):
-        raise ValueError(f"{source}: stats.confidence must lie in [0.5, 1) and stats.bootstrap be >= 100")
+    if not (_is_number(stats["confidence"], float, 0.5) and stats["confidence"] < 1
+            and _is_number(stats["bootstrap"], int, 100) and _is_number(stats["seed"], int, 0)):
+        raise ValueError(f"{source}: stats.confidence must lie in [0.5, 1), stats.bootstrap be an integer >= 100 and "
+                         f"stats.seed an integer >= 0, got {stats}")
     plan = _check_keys(raw.get("plan") or {}, PLAN_KEYS, f"{source}: plan")
+    bad = [k for k, v in plan.items() if not _is_number(v, float, 0)]
+    if bad:
+        raise ValueError(f"{source}: plan.{bad[0]} must be a positive number, got {plan[bad[0]]!r}")
     parallel = raw.get("max_parallel", 1)
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"{source}: max_parallel must be an integer >= 1, got {parallel!r}")

@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# Test pissa: bash scripts/test_pissa.sh [llama2_7b|mistral_7b|gemma_7b] [math|code] [run.py flags...]
+# Test pissa: bash scripts/test_pissa.sh [llama2_7b|mistral_7b|gemma_7b|rwkv6_7b] [math|code] [run.py flags...]
 exec bash "$(dirname "$0")/paper.sh" test pissa "$@"

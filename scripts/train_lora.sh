@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# Train lora: bash scripts/train_lora.sh [llama2_7b|mistral_7b|gemma_7b] [math|code] [run.py flags...]
+# Train lora: bash scripts/train_lora.sh [llama2_7b|mistral_7b|gemma_7b|rwkv6_7b] [math|code] [run.py flags...]
 exec bash "$(dirname "$0")/paper.sh" train lora "$@"

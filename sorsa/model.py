@@ -49,6 +49,10 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     from / written to an `SVDCache` there. The per-layer SVD record (seconds; for "fast" also iterations
     and the final energy change) is kept in `model.sorsa_init_log`. Returns the model.
     """
+    adapted = sorsa_layers(model)
+    if adapted:
+        raise ValueError(f"module {adapted[0][0]!r} already has a SORSA adapter; apply_sorsa runs once per model "
+                         "(merge_and_unload first to adapt again)")
     targets = find_target_modules(model, config.target_modules)
     check_rank(targets, config.rank)
     cache = SVDCache(svd_cache_dir) if svd_cache_dir is not None else None

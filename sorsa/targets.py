@@ -72,17 +72,12 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str,
                         exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
     """The (name, layer) pairs matched by `target_modules`: exact name suffixes, a regex, or "all-linear" (every
     nn.Linear / Conv1D except the output head and the modules under `exclude`)."""
-    from .layer import SORSALinear
-
     if target_modules == ALL_LINEAR or target_modules == [ALL_LINEAR]:
         return _all_linear(model, exclude)
     matched = []
     for name, module in model.named_modules():
         if not name or not is_target(name, target_modules):
             continue
-        if isinstance(module, SORSALinear):
-            raise ValueError(f"module {name!r} already has a SORSA adapter; apply_sorsa runs once per "
-                             "model (merge_and_unload first to adapt again)")
         if isinstance(module, LINEAR_TYPES):
             matched.append((name, module))
         elif isinstance(target_modules, list) and not any(True for _ in module.children()):
@@ -104,11 +99,7 @@ def linear_layers(model: nn.Module, types: tuple = LINEAR_TYPES) -> list[tuple[s
 
 def _all_linear(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     """Every linear layer except the output head (the output embeddings) and those under `exclude`."""
-    from .layer import SORSALinear
-
     found = [(n, m) for n, m in linear_layers(model) if not any(n == e or n.startswith(e + ".") for e in exclude)]
-    if any(isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, SORSALinear) for n, _ in found):
-        raise ValueError("the model already has SORSA adapters; apply_sorsa runs once per model")
     if not found:
         raise ValueError(f"target_modules=all-linear: {type(model).__name__} has no linear layer besides its head")
     return found

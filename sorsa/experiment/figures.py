@@ -7,8 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .report import combo_text
-from .spec import Experiment
+from .spec import Experiment, combo_text
 
 METHOD_COLORS = {"sorsa": "tab:red", "pissa": "tab:blue", "lora": "tab:green", "full": "tab:gray"}
 FILES = {"selection": "lr_sensitivity.png", "curves": "training_curves.png", "accuracy": "accuracy.png",

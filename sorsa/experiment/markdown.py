@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import statistics
 
-from .report import combo_text, fmt
-from .spec import Experiment, show
+from .spec import Experiment, combo_text, fmt, show
 
 
 def _protocol(exp: Experiment) -> list[str]:

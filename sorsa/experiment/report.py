@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import math
 import os
 import platform
 from pathlib import Path
@@ -16,17 +15,13 @@ from ..fileio import atomic_write_text
 from ..runs import package_versions
 from ..stats import holm, mcnemar_exact, mean_ci, paired_bootstrap
 from .results import collect
-from .spec import Experiment, show
+from .spec import Experiment, combo_text, show
 
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
 SELECTION_CSV, COMPARISONS_CSV, FORGETTING_CSV = "selection.csv", "comparisons.csv", "forgetting.csv"
 
 
 # ----------------------------------------------------------------------------- the numbers
-
-def combo_text(combo: tuple) -> str:
-    return ", ".join(f"{k}={show(v)}" for k, v in combo) or "–"
-
 
 def summarize(exp: Experiment, data: dict) -> list[dict]:
     """One row per arm and test: test accuracy (%) over the seeds with its Student-t interval, and the arm's
@@ -151,7 +146,3 @@ def _gpu_text() -> str:
         return ", no GPU"
     return f", {torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
 
-
-def fmt(x, digits: int = 1) -> str:
-    """A number for the tables: "–" for missing or not-a-number."""
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,16 @@ class Experiment:
             cfg = dataclasses.replace(self.base, model=model, name=f"base_{slug}", run_path=str(self.runs_folder))
             out.append((cfg.name, cfg))
         return out
+
+
+def combo_text(combo: tuple) -> str:
+    """A setting ((key, value), ...) as text for the report: "lr=0.001, rank=8", or "–" for none."""
+    return ", ".join(f"{k}={show(v)}" for k, v in combo) or "–"
+
+
+def fmt(x, digits: int = 1) -> str:
+    """A number for the report's tables: "–" for missing or not-a-number."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def show(value, slug: bool = False) -> str:

@@ -373,7 +373,7 @@ def test_killed_experiment_resumes_to_the_same_report(tiny, tmp_path):
         _wait_until_gone(proc.pid)  # a worker still exiting would still hold its run's lock
     exp = load_experiment(str(tiny["path"]), {"run_path": str(other)})
     done = [s for s in exp.selection_runs() if RunDir(runs / s.name).done_with(s.config.training_settings())]
-    assert 1 <= len(done) < len(exp.selection_runs())  # killed midway
+    assert 1 <= len(done) < len(exp.selection_runs()), (len(done), proc.returncode)  # killed midway
     calls = Counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -383,7 +383,7 @@ def test_killed_experiment_resumes_to_the_same_report(tiny, tmp_path):
             result = run_experiment(str(tiny["path"]), {"run_path": str(other)}, progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert all(o.ok for o in result["outcomes"])
+    assert all(o.ok for o in result["outcomes"]), [(o.name, o.kind, o.error) for o in result["outcomes"] if not o.ok]
     assert calls["train"] == len(exp.selection_runs()) - len(done)  # finished runs were not trained again
     assert _report_tables(exp.folder) == tiny["calls"][-1]["tables"]
 

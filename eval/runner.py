@@ -98,6 +98,8 @@ def evaluate(dataset: str, out_dir: Path, generate_fn: Callable[[list[str]], lis
     stored_settings = _check_settings(out_dir, dict(settings or {}), bool(earlier))
     # Checked: from here on the folder is written. Reuse a generation only for the same example and prompt.
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier results.json would describe generations that this call may replace, until it finishes.
+    (out_dir / RESULTS).unlink(missing_ok=True)
     atomic_write_text(out_dir / EVAL_SETTINGS, json.dumps(stored_settings, indent=2, sort_keys=True) + "\n")
     finished = {r["id"]: r for r in earlier if r["id"] in prompts and r.get("prompt") == prompts[r["id"]]}
     atomic_write_text(gen_path, jsonl_text(list(finished.values())))  # a clean file to append to

@@ -41,8 +41,8 @@ def read_requests(path: Path) -> list[dict]:
     return requests
 
 
-def _lookup(examples: list, dataset: str, raw_id, line: int, source: str):
-    by_id = {ex.id: ex for ex in examples}
+def _lookup(examples: list, by_id: dict, dataset: str, raw_id, line: int, source: str):
+    """The example a generation line names: by its id, an id written as a string, or (not MBPP) a position."""
     if raw_id in by_id and not isinstance(raw_id, bool):
         return by_id[raw_id]
     if isinstance(raw_id, str) and raw_id.strip().isdigit() and dataset != "humaneval":
@@ -64,9 +64,10 @@ def score_file(dataset: str, generations: Path, test_file: str | Path | None = N
     requests = read_requests(generations)
     examples = bench.load_examples(test_file)
     source = str(test_file) if test_file else "default test set"
+    by_id = {ex.id: ex for ex in examples}  # once, not per line: QQP's test set has 40k rows
     matched, seen = [], {}
     for req in requests:
-        ex = _lookup(examples, dataset, req["id"], req["line"], source)
+        ex = _lookup(examples, by_id, dataset, req["id"], req["line"], source)
         if ex.id in seen:
             raise ValueError(f"{generations}: id {ex.id!r} appears on lines {seen[ex.id]} and {req['line']}; "
                              f"keep one completion per example")

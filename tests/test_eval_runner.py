@@ -91,6 +91,20 @@ def test_resume_after_a_crash_reuses_finished_generations(tmp_path):
     assert len(fresh.prompts) == 10
 
 
+
+def test_a_replacing_run_that_crashes_leaves_no_stale_results(tmp_path):
+    """resume=False replaces the generations; until it finishes there is no results.json describing the old
+    ones (a report would show their accuracy), while a refused call still leaves it as it was."""
+    test_file, out = _gsm_file(tmp_path), tmp_path / "out"
+    evaluate("gsm-8k", out, FakeModel(), test_file=test_file, progress=False)
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate("gsm-8k", out, FakeModel(), test_file=test_file, settings={"max_new_tokens": 5}, progress=False)
+    assert (out / "results.json").read_bytes() == before
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate("gsm-8k", out, FakeModel(fail_after_calls=1), test_file=test_file, resume=False, progress=False)
+    assert not (out / "results.json").exists() and len(read_generations(out / "generations.jsonl")) == 3
+
 def test_bad_generate_fn_is_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="one completion string per prompt"):
         evaluate("gsm-8k", tmp_path / "o", lambda prompts: ["x"], test_file=_gsm_file(tmp_path), progress=False)

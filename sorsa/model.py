@@ -61,7 +61,7 @@ def apply_sorsa(model: nn.Module, config: SORSAConfig, svd_cache_dir: str | os.P
     log: list[dict] = []
     bar = tqdm(total=len(targets), desc=f"SORSA init ({config.svd} SVD, r={config.rank})", unit="layer",
                disable=not progress or process_rank() != 0, dynamic_ncols=True)
-    for group in _init_groups(targets, batch_init, batch_memory, config.quantize is not None):
+    for group in _init_groups(targets, batch_init, batch_memory, config):
         if len(group) == 1:
             layers = [adapt_linear(*group[0], config, cache, log)]
         else:
@@ -102,11 +102,13 @@ def init_summary(log: list[dict], config: SORSAConfig) -> str:
             f"{config.svd_max_iter} iterations; largest final change {worst['change']:.1e} ({worst['layer']})")
 
 
-def _init_groups(targets, batch_init: bool | None, batch_memory: int | None, quantized: bool) -> list[list]:
+def _init_groups(targets, batch_init: bool | None, batch_memory: int | None, config: SORSAConfig) -> list[list]:
     """The targets in decomposition groups: one weight each, or same-shaped whole weights batched (not with a
-    quantized residual, whose rounds run per weight)."""
+    quantized residual, whose rounds run per weight, nor with the randomized SVD, torch.svd_lowrank, which
+    takes one matrix)."""
     on_gpu = bool(targets) and targets[0][1].weight.device.type == "cuda"
-    if quantized or not (on_gpu if batch_init is None else batch_init):
+    one_at_a_time = config.quantize is not None or config.svd == "randomized"
+    if one_at_a_time or not (on_gpu if batch_init is None else batch_init):
         return [[t] for t in targets]
     if batch_memory is None:
         batch_memory = torch.cuda.mem_get_info()[0] // 4 if on_gpu else 2 ** 31

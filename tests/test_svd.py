@@ -81,6 +81,18 @@ def test_batched_initialisation_equals_one_layer_at_a_time():
     assert all("iterations" in e and "change" in e for e in tiny.sorsa_init_log)
 
 
+def test_randomized_svd_is_never_batched():
+    """torch.svd_lowrank takes one matrix: with batching asked for (the default on a GPU), the randomized SVD
+    still goes one weight at a time and gives what it gives without batching."""
+    base = make_model("llama")
+    cfg = SORSAConfig(rank=RANK, svd="randomized")
+    one = apply_sorsa(copy.deepcopy(base), cfg, progress=False, batch_init=False)
+    asked = apply_sorsa(copy.deepcopy(base), cfg, progress=False, batch_init=True)
+    assert all("batch" not in e for e in asked.sorsa_init_log) and len(asked.sorsa_init_log) == len(sorsa_layers(one))
+    for (n, a), (_, b) in zip(sorsa_layers(one), sorsa_layers(asked)):
+        torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=0, msg=n)
+
+
 def test_initial_factors_stay_in_cpu_memory_when_the_model_moves():
     model = apply_sorsa(make_model("llama"), SORSAConfig(rank=RANK), progress=False)
     layers = sorsa_layers(model)

@@ -28,6 +28,9 @@ ENV = "env.json"
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_DONE = "train_done.json"
 LOCK = ".lock"
+# The last file the Trainer writes into a checkpoint (transformers' TRAINER_STATE_NAME): a checkpoint without it
+# was cut off while being saved, and resuming from it would restart the step count from 0 over its weights.
+CHECKPOINT_COMPLETE = "trainer_state.json"
 # One measurement's folder (eval/<key>/): what eval.runner writes.
 GENERATIONS = "generations.jsonl"
 RESULTS = "results.json"
@@ -102,11 +105,12 @@ class RunDir:
         return self.model_dir if method == "full" else self.adapter_dir
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, RUN/checkpoints/checkpoint-N) in step order."""
+        """(step, RUN/checkpoints/checkpoint-N) of every complete checkpoint, in step order (one that a killed
+        process left half-written is skipped, so a resume starts from the one before it)."""
         if not self.checkpoints_dir.is_dir():
             return []
         found = [(int(d.name.split("-")[-1]), d) for d in self.checkpoints_dir.glob("checkpoint-*")
-                 if d.is_dir() and d.name.split("-")[-1].isdigit()]
+                 if d.name.split("-")[-1].isdigit() and (d / CHECKPOINT_COMPLETE).is_file()]
         return sorted(found)
 
     def is_run(self) -> bool:

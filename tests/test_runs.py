@@ -162,3 +162,32 @@ def test_run_py_is_glue_only_and_run_files_have_one_owner():
                 for name in ("train_done.json", "train_log.jsonl", "env.json", "results.json", "config.yaml",
                              "generation_settings.json"):
                     assert name not in literal, (module, name, literal)
+
+
+def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path, builtin_model_dir):
+    """A process killed while the Trainer writes checkpoint-4 leaves it without trainer_state.json (the last file
+    written). Resuming from it would restart the step count over its weights; the run resumes from checkpoint-2
+    instead and ends at the uninterrupted run's adapter."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from sorsa.runs import CHECKPOINT_COMPLETE
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    assert CHECKPOINT_COMPLETE == TRAINER_STATE_NAME  # the file transformers writes last
+    steps = ("--max-steps", "6", "--save-steps", "2")
+    assert run.main(_train_argv(tmp_path, builtin_model_dir, "a", *steps)) == 0
+    run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    shutil.copytree(run_a, run_b)
+    for p in ("adapter", "train_done.json", "checkpoints/checkpoint-6"):
+        shutil.rmtree(run_b / p) if (run_b / p).is_dir() else (run_b / p).unlink()
+    (run_b / "checkpoints" / "checkpoint-4" / TRAINER_STATE_NAME).unlink()  # cut off mid-save
+    assert [s for s, _ in RunDir(run_b).checkpoints()] == [2]
+    assert run.main(_train_argv(tmp_path, builtin_model_dir, "b", *steps, "--resume")) == 0
+    assert json.loads((run_b / "train_done.json").read_text())["steps"] == 6
+    a = load_file(str(run_a / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)

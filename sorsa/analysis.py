@@ -17,7 +17,7 @@ from .adapter_io import AdapterFile
 from .config import METHOD_LABELS
 from .fileio import TensorReader, atomic_write_text
 from .runs import RunDir
-from .targets import default_targets, is_target
+from .targets import ALL_LINEAR, find_target_modules, is_target, targets_of
 
 CSV_NAME = "analysis.csv"
 PNG_NAME = "analysis.png"
@@ -66,16 +66,17 @@ def svd_variation(W0: torch.Tensor, Wt: torch.Tensor, top_k: int | None = None) 
     return variation_from_factors(svd_factors(W0), svd_factors(Wt), top_k)
 
 
-# ----------------------------------------------------------------------------- reading weights
-
 # ----------------------------------------------------------------------------- one run
 
 def list_checkpoints(run: RunDir, method: str) -> list[tuple[int, Path]]:
     """(step, directory) of every RUN/checkpoints/checkpoint-N, plus the final adapter (or model) at the
-    run's last step when no checkpoint was written there (the completion marker gives the step)."""
+    run's last step when no checkpoint was written there (the completion marker gives the step; a converted
+    reference checkpoint, whose step is unknown, counts as one step after the last checkpoint, or step 1)."""
     found = run.checkpoints()
     step = run.read_done().get("steps")
-    if run.trained_dir(method).is_dir() and isinstance(step, int) and step not in {s for s, _ in found}:
+    if not isinstance(step, int):
+        step = (found[-1][0] if found else 0) + 1
+    if run.trained_dir(method).is_dir() and run.is_done() and step not in {s for s, _ in found}:
         found.append((step, run.trained_dir(method)))
     return sorted(found)
 
@@ -137,16 +138,35 @@ class _FullWeights:
         return self.reader.get(self.reader.weight_key(layer)).to(device=W0.device, dtype=torch.float32)
 
 
-def _full_ft_layers(base: TensorReader, config) -> list[str]:
+def _full_ft_layers(base: TensorReader, base_dir: Path, config) -> list[str]:
     """The layers a full fine-tuning run is analysed on: the 2-D weights of the modules that the adapter
-    methods would adapt (the run's target_modules, else the architecture's defaults), so runs compare like
-    for like."""
-    targets = config.target_modules or default_targets(rwkv=config.rwkv)
-    layers = [k[:-len(".weight")] for k in base.keys()
-              if k.endswith(".weight") and len(base.shape(k)) == 2 and is_target(k[:-len(".weight")], targets)]
+    methods would adapt (the run's target_modules, else its architecture's defaults; all-linear: every linear
+    layer but the head, found on the model's skeleton as training finds them), so runs compare like for like."""
+    from .planner import load_model_config
+
+    model_config, _ = load_model_config(str(base_dir), rwkv=config.rwkv)
+    targets = targets_of(config, getattr(model_config, "model_type", None))
+    if targets == ALL_LINEAR:
+        names = [n for n, _ in find_target_modules(_skeleton(model_config, config), ALL_LINEAR)]
+        layers = [n for n in names if f"{n}.weight" in base]
+    else:
+        layers = [k[:-len(".weight")] for k in base.keys()
+                  if k.endswith(".weight") and len(base.shape(k)) == 2 and is_target(k[:-len(".weight")], targets)]
     if not layers:
         raise ValueError(f"no weight of {base.path} matches target_modules={targets!r}")
     return layers
+
+
+def _skeleton(model_config, config) -> torch.nn.Module:
+    """The run's model (a causal LM, an RWKV6 or a GLUE classifier) on the meta device: its modules, no weights."""
+    from .loading import model_class
+    from .planner import meta_model
+
+    if config.rwkv:
+        return meta_model(model_config, rwkv=True)
+    auto_class, extra = model_class(config)
+    with torch.device("meta"):
+        return auto_class.from_config(model_config, **extra)
 
 
 def _opener(method: str, run: RunDir, full_layers: list[str] | None):
@@ -185,7 +205,7 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir} has no checkpoints (checkpoints/checkpoint-N) and no finished "
                                 "adapter to analyse; train it with --save-steps N first")
-    full_layers = _full_ft_layers(base, config) if method == "full" else None
+    full_layers = _full_ft_layers(base, base_dir, config) if method == "full" else None
     opened = [(step, _opener(method, run, full_layers)(path)) for step, path in checkpoints]
     layers = opened[0][1].layers
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

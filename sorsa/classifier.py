@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .targets import ALL_LINEAR, default_targets, find_target_modules
+from .targets import ALL_LINEAR, find_target_modules, targets_of
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -34,9 +34,10 @@ def modules_to_train_fully(model: nn.Module, extra: list[str] | None) -> list[st
     return names
 
 
-def prepare_classifier(cfg, model: nn.Module, svd_cache_dir=None) -> nn.Module:
+def prepare_classifier(cfg, model: nn.Module, targets: list[str] | str | None = None, svd_cache_dir=None) -> nn.Module:
     """The method's adapters on a sequence classifier (cfg: a RunConfig): SORSA, or LoRA / PiSSA through peft
-    (task SEQ_CLS), on the encoder's linear layers (cfg.target_modules, or the architecture's defaults), with
+    (task SEQ_CLS), on the encoder's linear layers `targets` (default targets.targets_of: the run's, else the
+    architecture's defaults; all-linear: every linear layer but the ones trained fully), with
     the head and cfg.modules_to_save trained fully in float32 (the master copy; the base may be bf16) and saved
     with the adapter. Full fine-tuning trains everything as it is."""
     if cfg.peft == "full":
@@ -44,8 +45,8 @@ def prepare_classifier(cfg, model: nn.Module, svd_cache_dir=None) -> nn.Module:
     keep = modules_to_train_fully(model, cfg.modules_to_save)
     for name in keep:
         model.get_submodule(name).float()
-    targets = cfg.target_modules or default_targets(getattr(model.config, "model_type", None))
-    if targets in (ALL_LINEAR, [ALL_LINEAR]):  # every linear layer of the encoder, not the head trained fully
+    targets = targets or targets_of(cfg, getattr(model.config, "model_type", None))
+    if targets == ALL_LINEAR:  # every linear layer of the encoder, not the head trained fully
         targets = [name for name, _ in find_target_modules(model, ALL_LINEAR, exclude=tuple(keep))]
     if cfg.peft == "sorsa":
         from .adapter_io import set_modules_to_save

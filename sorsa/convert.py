@@ -29,8 +29,9 @@ REFERENCE_PREFIX = "model."  # SORSAModel keeps the wrapped model in `self.model
 RANK_TOLERANCE = 1e-2
 
 
-def read_reference(ref_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json of a reference checkpoint, its tensors)."""
+def read_reference(ref_dir: Path) -> tuple[dict, TensorReader | dict[str, torch.Tensor]]:
+    """(config.json of a reference checkpoint, its tensors by name: safetensors read one tensor at a time when
+    asked for, a pytorch_model.bin loaded whole)."""
     cfg_file = ref_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{ref_dir} has no config.json: give the directory the reference's "
@@ -39,14 +40,13 @@ def read_reference(ref_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if config.get("model_type") != "sorsa" or "rank" not in config:
         raise ValueError(f"{cfg_file} is not a reference SORSA config (model_type={config.get('model_type')!r}); "
                          "give the directory the reference's SORSAModel.save_pretrained wrote")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in checkpoint_files(ref_dir, "model.safetensors"):
-        reader = TensorReader(f)
-        tensors.update({k: reader.get(k) for k in reader.keys() if ".sorsa_" in k or k.endswith(".weight")})
-    if not tensors:
+    if checkpoint_files(ref_dir, "model.safetensors"):
+        tensors = TensorReader(ref_dir)  # a 7B checkpoint is not held in memory at once
+    else:
+        tensors = {}
         for f in checkpoint_files(ref_dir, "pytorch_model.bin"):
             tensors.update(torch.load(f, map_location="cpu", weights_only=True))
-    if not any(k.endswith(".sorsa_A") for k in tensors):
+    if not any(k.endswith(".sorsa_A") for k in tensors.keys()):
         raise ValueError(f"{ref_dir} holds no sorsa_A / sorsa_S / sorsa_B tensors: not a SORSA checkpoint")
     return config, tensors
 
@@ -87,7 +87,7 @@ def from_reference(ref_dir: str | Path, base_dir: str | Path, out_dir: str | Pat
     ref_config, tensors = read_reference(ref_dir)
     base = TensorReader(base_dir)
     rank, alpha = int(ref_config["rank"]), ref_config.get("alpha")
-    layers = sorted(k[len(REFERENCE_PREFIX):-len(".sorsa_A")] for k in tensors if k.endswith(".sorsa_A"))
+    layers = sorted(k[len(REFERENCE_PREFIX):-len(".sorsa_A")] for k in tensors.keys() if k.endswith(".sorsa_A"))
     scale = 1.0 if alpha is None else float(alpha) / rank
     factors, residual_dtype = {}, None
     for layer in layers:
@@ -112,21 +112,28 @@ def as_run(adapter_dir: Path, run_path: str, name: str) -> Path:
     `run.py -n NAME --merge / --test / --analyze / --export-lora` work on it as on a run trained here."""
     from .adapter_io import read_adapter_config
     from .config import RunConfig, precision_name
-    from .runs import run_dir
 
     config, info = read_adapter_config(adapter_dir)
     precision = precision_name(config.residual_dtype)
     cfg = RunConfig(name=name, run_path=run_path, model=info["base_model"], peft="sorsa", rank=config.rank,
                     alpha=config.alpha, alpha_init=config.alpha_init, dropout=config.dropout,
                     target_modules=list(config.target_modules), mix_precision=[precision])
-    run = run_dir(run_path, name)
-    if run.path.exists():
-        raise ValueError(f"run {name!r} exists in {run_path}; choose another name")
+    run = _check_new_run(run_path, name)
     run.path.mkdir(parents=True)
     shutil.move(str(adapter_dir), run.adapter_dir)
     run.write_records(cfg.to_dict())
     run.mark_done({"steps": None, "converted_from": info.get("converted_from")}, cfg.training_settings())
     return run.path
+
+
+def _check_new_run(run_path: str, name: str):
+    """The RunDir of a new run RUN_PATH/NAME; a ValueError when it exists."""
+    from .runs import run_dir
+
+    run = run_dir(run_path, name)
+    if run.path.exists():
+        raise ValueError(f"run {name!r} exists in {run_path}; choose another name")
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.out) == bool(args.as_run):
         parser.error("give one of --out ADAPTER_DIR or --as-run NAME")
     try:
+        if args.as_run:  # before the conversion, which would otherwise be left behind
+            _check_new_run(args.run_path, args.as_run)
         out = args.out or Path(args.run_path) / f".{args.as_run}.converting"
         out = from_reference(args.ref_dir, args.base, out)
         if args.as_run:

@@ -105,6 +105,9 @@ class TensorReader:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise KeyError(f"{self.path} has no tensor {key!r}")

@@ -23,8 +23,8 @@ from .config import RunConfig, dtype_name, load_yaml
 from .distributed import is_partitioned
 from .glue import glue_task, is_glue
 from .loading import hub_error, load_model, load_tokenizer, precision_dtype, resolve_data_file, resolve_model_name
-from .runs import RESULTS, RunDir, run_dir
-from .targets import ALL_LINEAR, default_targets
+from .runs import CONFIG, RESULTS, RunDir, run_dir
+from .targets import default_targets, targets_of
 
 ACTIONS = ("train", "merge", "test")
 
@@ -53,14 +53,6 @@ def resolve_config(overrides: dict, config_file: str | None = None, require_acti
     if cfg.test and not cfg.name:  # scoring --model directly: a run named after the model
         cfg.name = "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model.strip("/")).strip("._")[-80:]
     return cfg
-
-
-def targets_of(cfg: RunConfig, model_type: str | None = None) -> list[str] | str:
-    """The run's target modules: as given ("all-linear" included), else the architecture's defaults
-    (sorsa/targets.py, by the model's config.model_type)."""
-    if cfg.target_modules:
-        return ALL_LINEAR if cfg.target_modules == [ALL_LINEAR] else cfg.target_modules
-    return default_targets(model_type, rwkv=cfg.rwkv)
 
 
 # ----------------------------------------------------------------------------- train
@@ -111,25 +103,50 @@ def _check_train_dir(cfg: RunConfig, run: RunDir) -> str | None:
     if checkpoints and not cfg.resume:
         raise ValueError(f"run {cfg.name!r} has checkpoints up to {checkpoints[-1][1].name}; pass --resume to "
                          "continue it or --overwrite to start again")
+    changed = _changed_training_settings(cfg, run) if checkpoints else []
+    if changed:  # its checkpoints were trained otherwise: continuing them would mix two runs
+        raise ValueError(f"run {cfg.name!r} has checkpoints trained with other settings ({', '.join(changed)} "
+                         f"differ from its {CONFIG}); resume with the same settings (e.g. the same --config and "
+                         "flags) or pass --overwrite to start again")
     if cfg.resume and not checkpoints:
         print(f"[run] --resume: no checkpoint in {run.checkpoints_dir} yet, starting from the beginning")
     return str(checkpoints[-1][1]) if cfg.resume and checkpoints else None
 
 
+def _changed_training_settings(cfg: RunConfig, run: RunDir) -> list[str]:
+    """The settings that decide training (RunConfig.training_settings) in which `cfg` differs from the run's
+    saved config.yaml; [] when it has none."""
+    if not run.is_run():
+        return []
+    saved = run.read_run_config().training_settings()
+    return sorted(k for k, v in cfg.training_settings().items() if saved.get(k) != v)
+
+
 def _training_data(cfg: RunConfig, validation: bool = False):
     """The tokenizer and the tokenized training rows (`validation`: the rows --val-size held out instead)."""
-    from .data import load_train_dataset, split_validation, tokenize_train_dataset
+    from .data import tokenize_train_dataset
 
     tokenizer = load_tokenizer(cfg)
-    train_file = resolve_data_file(cfg.train_file, cfg.cache_path, cfg.run_path, "train")
+    rows = training_rows(cfg, validation)
     if is_glue(cfg.train_dataset):  # sequence classification (sorsa/glue.py)
-        from .glue import load_glue_train, tokenize_glue
+        from .glue import tokenize_glue
 
-        dataset = load_glue_train(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
-        return tokenizer, tokenize_glue(dataset, tokenizer, cfg.train_dataset, cfg.length)
+        return tokenizer, tokenize_glue(rows, tokenizer, cfg.train_dataset, cfg.length)
+    return tokenizer, tokenize_train_dataset(rows, tokenizer, cfg.train_dataset, cfg.length)
+
+
+def training_rows(cfg: RunConfig, validation: bool = False):
+    """The run's training rows, untokenized: the dataset (or file) and slice it names, less the --val-size rows
+    held out (`validation`: those rows instead; a GLUE task has none)."""
+    from .data import load_train_dataset, split_validation
+
+    train_file = resolve_data_file(cfg.train_file, cfg.cache_path, cfg.run_path, "train")
+    if is_glue(cfg.train_dataset):
+        from .glue import load_glue_train
+
+        return load_glue_train(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
     dataset = load_train_dataset(cfg.train_dataset, cfg.split, train_file, cfg.cache_path)
-    dataset = split_validation(dataset, cfg.val_size)[1 if validation else 0]
-    return tokenizer, tokenize_train_dataset(dataset, tokenizer, cfg.train_dataset, cfg.length)
+    return split_validation(dataset, cfg.val_size)[1 if validation else 0]
 
 
 def _load_for_training(cfg: RunConfig, state):
@@ -191,11 +208,11 @@ def prepare_model_for_training(cfg: RunConfig, model):
     from .baselines import apply_peft_baseline
     from .model import apply_sorsa
 
+    targets = targets_of(cfg, getattr(model.config, "model_type", None))
     if is_glue(cfg.train_dataset):  # adapters on the encoder, the new head trained fully (sorsa/classifier.py)
         from .classifier import prepare_classifier
 
-        return prepare_classifier(cfg, model, svd_cache_dir=cfg.svd_cache_path)
-    targets = targets_of(cfg, getattr(model.config, "model_type", None))
+        return prepare_classifier(cfg, model, targets, svd_cache_dir=cfg.svd_cache_path)
     if cfg.peft == "sorsa":
         return apply_sorsa(model, cfg.sorsa_config(targets), svd_cache_dir=cfg.svd_cache_path)
     if cfg.peft in ("lora", "pissa"):
@@ -347,6 +364,15 @@ def merged_model(cfg: RunConfig, run: RunDir):
     return merge_and_unload(model)
 
 
+def _trained_model(cfg: RunConfig, run: RunDir):
+    """The run's trained model with its adapter folded in: read from RUN/merged when --merge wrote it (in the
+    dtype merge wrote it in), else merged in memory (`merged_model`)."""
+    if not run.merged_dir.is_dir():
+        return merged_model(cfg, run)
+    return load_model(cfg, torch.float32 if cfg.peft == "full" else precision_dtype(cfg.precision),
+                      name=str(run.merged_dir))
+
+
 # ----------------------------------------------------------------------------- test
 
 def test(cfg: RunConfig) -> dict:
@@ -448,7 +474,7 @@ def validation_loss(cfg: RunConfig) -> dict:
     collate = CausalLMCollator(tokenizer.pad_token_id)
     total, tokens = 0.0, 0
     with run.locked("validate"):
-        model = merged_model(cfg, run).eval()
+        model = _trained_model(cfg, run).eval()
         device = next(model.parameters()).device
         with torch.no_grad():
             for start in range(0, len(rows), cfg.valid_batch_size):

@@ -130,10 +130,18 @@ def read_accuracy(run_dir: Path, dataset: str) -> float | None:
     """Accuracy in % of the run on `dataset`: its measurement on the benchmark's own whole test set (no test file,
     no limit) when there is one, else its first measurement (RUN/eval/<dataset>/); None when the run was not
     tested on it. Every measurement (other test files, an experiment's validation rows) is in `measurements`."""
-    found = [m for m in measurements(run_dir) if m["dataset"] == dataset]
-    whole = [m for m in found if m["test_file"] is None and m["limit"] is None]
+    shown = pick_measurement(measurements(run_dir), dataset)
+    return None if shown is None else shown["accuracy"]
+
+
+def pick_measurement(found: list[dict], dataset: str) -> dict | None:
+    """Of a run's measurements (results.json records, each with its "eval_dir"), the one of `dataset` that a
+    table shows: on the benchmark's own whole test set (no test file, no limit) when there is one, else the
+    first (RUN/eval/<dataset>/); None when there is none."""
+    found = [m for m in found if m.get("dataset", m["eval_dir"]) == dataset]
+    whole = [m for m in found if m.get("test_file") is None and m.get("limit") is None]
     first = [m for m in found if m["eval_dir"] == dataset]
-    return next((m["accuracy"] for m in whole + first), None)
+    return next(iter(whole + first), None)
 
 
 def run_row(run_dir: str | os.PathLike, paper: list[dict] | None = None) -> dict:
@@ -205,13 +213,14 @@ def measurements_table(run_dirs: list[str | os.PathLike]) -> str:
 
 
 def glue_table(run_dirs: list[str | os.PathLike]) -> str:
-    """The GLUE scores (validation split, in %) of every run scored on a GLUE task, one line per run, from each
-    task's first measurement (RUN/eval/glue-<task>/); empty when no run was."""
+    """The GLUE scores (validation split, in %) of every run scored on a GLUE task, one line per run, each task's
+    measurement chosen as for the other tables (`pick_measurement`); empty when no run was scored on one."""
     lines = []
     for d in run_dirs:
         run = RunDir(d)
-        results = {r["eval_dir"]: r for r in run.eval_results()}
-        if not any(task in results for task, _, _ in GLUE_TABLE):
+        measured = run.eval_results()
+        results = {task: pick_measurement(measured, task) for task, _, _ in GLUE_TABLE}
+        if not any(results.values()):
             continue
         cfg = run.read_config()
         cells = [run.name, str(cfg.get("model")), method_label(cfg.get("peft", "sorsa"), cfg.get("quantize"))]

@@ -60,6 +60,14 @@ def default_targets(model_type: str | None = None, rwkv: bool = False) -> list[s
     return list(DEFAULT_TARGETS.get(model_type or "llama", LLAMA_TARGETS))
 
 
+def targets_of(cfg, model_type: str | None = None) -> list[str] | str:
+    """A run's target modules (cfg: a RunConfig): as given ("all-linear" included, as the string ALL_LINEAR),
+    else the architecture's defaults (by the model's config.model_type)."""
+    if cfg.target_modules:
+        return ALL_LINEAR if cfg.target_modules == [ALL_LINEAR] else cfg.target_modules
+    return default_targets(model_type, rwkv=cfg.rwkv)
+
+
 def is_target(name: str, targets: list[str] | str) -> bool:
     """Whether module `name` is adapted: `targets` is a regex matched against the whole name (a str) or a
     list of name suffixes matched at a dot boundary ("q_proj" matches "model.layers.0.self_attn.q_proj")."""

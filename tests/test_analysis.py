@@ -220,3 +220,22 @@ def test_mini_reproduction_configs_load(method):
     pre = yaml.safe_load((ROOT / "configs" / "mini" / "pretrain.yaml").read_text())
     assert {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "steps", "batch_size",
             "lr", "level", "seed"} <= set(pre)
+
+
+@pytest.mark.parametrize("targets", [None, ["all-linear"]])
+def test_full_fine_tuning_is_analysed_on_the_architectures_own_targets(tmp_path, targets):
+    """Full fine-tuning of a GPT-2 is analysed on the layers the adapters would take there (its defaults, or
+    all-linear as training finds it: every Conv1D of the blocks, not the tied head), not on Llama's names."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sorsa.analysis import _full_ft_layers
+    from sorsa.config import RunConfig
+    from sorsa.fileio import TensorReader
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    cfg = RunConfig(peft="full", model=str(tmp_path / "gpt2"), target_modules=targets)
+    layers = _full_ft_layers(TensorReader(tmp_path / "gpt2"), tmp_path / "gpt2", cfg)
+    expected = {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                      "mlp.c_proj")}
+    assert set(layers) == expected

@@ -1,6 +1,7 @@
 """Faithful to the authors' code on its own terms: alpha_init, merge / unmerge / disable, and converting a
 checkpoint saved in the reference's layout (SORSAModel.save_pretrained) into this project's adapter."""
 import copy
+import csv
 import json
 import subprocess
 import sys
@@ -186,6 +187,21 @@ def test_a_converted_reference_run_merges_through_run_py(tmp_path):
     ids = tokens()
     torch.testing.assert_close(logits(merged_model, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
     assert (tmp_path / "runs" / "ref" / "lora_export" / "adapter_model.safetensors").is_file()
+    # --analyze: the converted adapter (its step unknown: step 1) against the base, as the reference's weights give
+    from sorsa.analysis import svd_variation
+
+    assert run.main(["-n", "ref", "--run-path", str(tmp_path / "runs"), "--analyze"]) == 0
+    with open(tmp_path / "runs" / "ref" / "analysis.csv", newline="") as f:
+        rows = {r["layer"]: r for r in csv.DictReader(f)}
+    assert len(rows) == len(merged) and {r["step"] for r in rows.values()} == {"1"}
+    for name, W in merged.items():
+        expected = svd_variation(base.get_submodule(name).weight.detach(), W.float())
+        assert float(rows[name]["delta_sigma"]) == pytest.approx(expected[0], rel=1e-3, abs=1e-6)
+    # a second conversion into the same run name is refused before it converts anything
+    again = subprocess.run([sys.executable, "-m", "sorsa.convert", "from-reference", str(tmp_path / "ref"), "--base",
+                            str(tmp_path / "base"), "--as-run", "ref", "--run-path", str(tmp_path / "runs")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr and not (tmp_path / "runs" / ".ref.converting").exists()
 
 
 def _tiny_tokenizer():

@@ -297,3 +297,38 @@ def test_eval_score_scores_a_file_of_glue_predictions(tmp_path, capsys):
     assert score.main(["--test-dataset", "glue-mrpc", "--generations", str(gens), "--test-file", str(data)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["correct"], summary["total"]) == (4, 6) and summary["f1"] == pytest.approx(2 / 3)
+
+
+def test_a_hub_training_slice_is_loaded_by_the_hub_not_loaded_whole_and_cut(monkeypatch, tmp_path):
+    """--split '[:3]' on the hub asks for train[:3] (MNLI's train split has 393k rows); a local file is cut here."""
+    import sorsa.glue as G
+
+    asked = []
+
+    def hub_rows(task, split, cache_dir):
+        asked.append(split)
+        return [{"sentence": f"s{i}", "label": i % 2} for i in range(3)]
+
+    monkeypatch.setattr(G, "_hub_rows", hub_rows)
+    ds = G.load_glue_train("glue-sst2", "[:3]")
+    assert asked == ["train[:3]"] and len(ds) == 3 and ds[2] == {"sentence": "s2", "label": 0}
+    local = tmp_path / "sst2.jsonl"
+    local.write_text("".join(json.dumps({"sentence": f"s{i}", "label": i % 2}) + "\n" for i in range(5)))
+    assert [r["sentence"] for r in G.load_glue_train("glue-sst2", "[1:3]", local)] == ["s1", "s2"]
+
+
+def test_glue_table_shows_the_whole_validation_split_as_the_other_tables_do(tmp_path):
+    """A run first scored on a subset file (eval/glue-sst2/) and then on the hub's whole split (eval/glue-sst2-<hash>/):
+    the GLUE table shows the whole split's score, as read_accuracy does."""
+    from sorsa.report import glue_table, read_accuracy
+    from sorsa.runs import RunDir
+
+    run = RunDir(tmp_path / "r")
+    run.write_records({"peft": "sorsa", "model": "m"})
+    for folder, test_file, score in (("glue-sst2", "subset.jsonl", 0.5), ("glue-sst2-0a1b2c3d", None, 0.925)):
+        (run.eval_root / folder).mkdir(parents=True)
+        (run.eval_root / folder / "results.json").write_text(json.dumps(
+            {"dataset": "glue-sst2", "test_file": test_file, "limit": None, "score": score, "accuracy": score}))
+    row = [line for line in glue_table([run.path]).splitlines() if line.startswith("| r |")]
+    assert row and "| 92.50 |" in row[0] and "50.00" not in row[0]
+    assert read_accuracy(run.path, "glue-sst2") == pytest.approx(92.5)

@@ -154,6 +154,10 @@ def test_train_resume_equals_uninterrupted_and_finished_runs_are_kept(tmp_path, 
         shutil.rmtree(run_b / p) if (run_b / p).is_dir() else (run_b / p).unlink()
     code, err = call(_train_argv(tmp_path, builtin_model_dir, "b", "--max-steps", "6", "--save-steps", "3"), capsys)
     assert code == 2 and "--resume" in err[0]
+    # resuming with other training settings would continue checkpoints of another run: refused, files kept
+    code, err = call(_train_argv(tmp_path, builtin_model_dir, "b", "--max-steps", "6", "--save-steps", "3",
+                                 "--resume", "--lr", "1e-3"), capsys)
+    assert code == 2 and "other settings (lr differ" in err[0] and (run_b / "checkpoints" / "checkpoint-3").is_dir()
     assert run.main(_train_argv(tmp_path, builtin_model_dir, "b", "--max-steps", "6", "--save-steps", "3",
                                 "--resume")) == 0
     a = load_file(str(run_a / "adapter" / "adapter_model.safetensors"))
@@ -192,3 +196,24 @@ def test_paper_configs_use_the_reference_loss_normalisation(path):
     cfg = run.resolve_config(["--config", str(path), "--train"])
     assert cfg.loss_normalization == "reference" and cfg.alpha_init == "tail"
     assert RunConfig().loss_normalization == "reference"  # run.py's default is the paper recipe too
+
+
+def test_validation_loss_reads_the_merged_model_when_there_is_one(tmp_path, builtin_model_dir, monkeypatch):
+    """The validation loss of a trained run is the same whether the adapter is folded in memory or read from
+    RUN/merged (which --merge wrote), so an experiment's final runs do not load and merge the base twice."""
+    from sorsa import recipe
+
+    argv = _train_argv(tmp_path, builtin_model_dir, "v", "--max-steps", "3", "--val-size", "8")
+    assert run.main(argv) == 0
+    cfg = run.resolve_config(argv)
+    in_memory = recipe.validation_loss(cfg)
+    recipe.merge(cfg)
+
+    def no_second_merge(*args):
+        raise AssertionError("the base model was loaded and merged again")
+
+    monkeypatch.setattr(recipe, "merged_model", no_second_merge)
+    from_disk = recipe.validation_loss(cfg)
+    assert in_memory["val_rows"] == from_disk["val_rows"] == 8 and in_memory["val_tokens"] > 0
+    assert from_disk["val_loss"] == pytest.approx(in_memory["val_loss"], rel=1e-6)
+    assert 0 < in_memory["val_loss"] < 10

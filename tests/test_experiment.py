@@ -432,3 +432,74 @@ def test_find_measurement_knows_every_benchmark_the_spec_accepts(tmp_path, datas
     assert find_measurement(cfg, test)["accuracy"] == 0.5
     other = RunConfig(name="r", run_path=str(tmp_path), model="some/model", train_dataset=train, test_precision="fp32")
     assert find_measurement(other, test) is None  # another precision is another measurement
+
+
+# ----------------------------------------------------------------------------- worker pool
+
+def _crash_or_finish(job):
+    """A worker's job for the pool test: the job named "crash" kills its own worker process (as the OOM killer
+    would); any other job is still running when that happens, then finishes."""
+    from sorsa.experiment.runner import Outcome
+
+    if job.config.name == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(1.0)
+    return Outcome(job.config.name, job.kind, True, log=job.log)
+
+
+def test_a_dying_worker_fails_only_its_own_job(tmp_path):
+    """A worker killed mid-job breaks its whole pool; the jobs it cut off are done again alone, so only the job
+    that dies alone too is reported failed."""
+    from types import SimpleNamespace
+
+    from sorsa.experiment.runner import Job, execute
+
+    jobs = [Job("select", RunConfig(name=name), str(tmp_path / f"{name}.log")) for name in ("crash", "ok")]
+    started = time.perf_counter()
+    outcomes = execute(SimpleNamespace(name="pool"), jobs, workers=2, progress=False, work=_crash_or_finish)
+    assert sorted((o.name, o.ok) for o in outcomes) == [("crash", False), ("ok", True)], outcomes
+    assert "worker died" in next(o.error for o in outcomes if not o.ok)
+    assert time.perf_counter() - started < 60
+
+
+# ----------------------------------------------------------------------------- selection, unit by unit
+
+def test_choice_skips_diverged_settings_and_selection_values_filters_rows():
+    """A NaN mean (a diverged run's validation loss) listed first is not chosen; when every setting diverged the
+    first stays chosen. selection_values keeps the selection seeds' validated values of one arm and setting."""
+    from types import SimpleNamespace
+
+    from sorsa.experiment.results import choose, selection_values
+    from sorsa.experiment.spec import Arm
+
+    combos = ((("lr", 0.1),), (("lr", 0.01),), (("lr", 0.001),))
+    arm, other = Arm("sorsa", (), combos), Arm("lora", (), combos)
+    exp = SimpleNamespace(tuned_keys=["lr"], metric="val_loss", arms=[arm])
+
+    def row(combo, value, selection=True, which=arm):
+        return {"arm": which, "combo": combo, "value": value, "selection": selection}
+
+    table = [row(combos[0], math.nan), row(combos[0], 0.1), row(combos[1], 0.7), row(combos[1], 0.5),
+             row(combos[2], 0.4), row(combos[2], 0.1, selection=False), row(combos[2], None),
+             row(combos[2], 0.0, which=other)]
+    assert selection_values(table, arm, combos[2]) == [0.4]
+    assert selection_values(table, arm, combos[1]) == [0.7, 0.5]
+    assert choose(exp, table) == {arm: combos[2]}
+    diverged = [row(combos[1], math.nan), row(combos[2], math.inf)]
+    assert choose(exp, diverged) == {arm: combos[1]}  # the first validated one in grid order
+    assert choose(exp, []) == {arm: None}
+
+
+def test_grid_edge_flag_looks_at_each_tuned_key():
+    from sorsa.experiment.markdown import at_grid_edge
+    from sorsa.experiment.spec import Arm
+
+    grid = [(("lr", lr), ("rank", rank)) for lr in (1e-3, 1e-4, 1e-2) for rank in (4, 8, 16)]  # lr unsorted
+    arm = Arm("sorsa", (), tuple(grid))
+    assert at_grid_edge(arm, (("lr", 1e-4), ("rank", 8)))  # lowest lr, though listed in the middle
+    assert at_grid_edge(arm, (("lr", 1e-3), ("rank", 16)))  # middle lr, highest rank
+    assert not at_grid_edge(arm, (("lr", 1e-3), ("rank", 8)))  # listed first, but inside on both keys
+    single = Arm("lora", (), tuple((("lr", 1e-3), ("rank", r)) for r in (4, 8, 16)))
+    assert not at_grid_edge(single, (("lr", 1e-3), ("rank", 8)))  # a key with one value has no edge
+    words = Arm("lora", (), ((("target", "attn"),), (("target", "mlp"),), (("target", "all"),)))
+    assert not at_grid_edge(words, (("target", "attn"),))  # values without an order have no edge

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .results import selection_values
 from .spec import Experiment, combo_text
 
 METHOD_COLORS = {"sorsa": "tab:red", "pissa": "tab:blue", "lora": "tab:green", "full": "tab:gray"}
@@ -32,16 +33,19 @@ def draw_selection(ax, exp: Experiment, data: dict) -> None:
     colors = arm_colors(exp.arms)
     numeric = len(exp.tuned_keys) == 1 and all(isinstance(v, (int, float)) and v > 0
                                                for a in exp.arms for ((_, v),) in a.combos)
+    # a shared axis for settings that are not one number: every arm's settings, in order (per-method grids differ)
+    combos = list(dict.fromkeys(c for a in exp.arms for c in a.combos))
     drawn = False
     for arm in exp.arms:
         points = []
-        for i, combo in enumerate(arm.combos):
-            vals = [r["value"] for r in data["selection"] if r["arm"] == arm and r["combo"] == combo
-                    and r["selection"] and r["value"] is not None]
+        for combo in arm.combos:
+            vals = selection_values(data["selection"], arm, combo)
             if vals:
-                points.append((combo[0][1] if numeric else i, sum(vals) / len(vals), min(vals), max(vals), combo))
+                x = combo[0][1] if numeric else combos.index(combo)
+                points.append((x, sum(vals) / len(vals), min(vals), max(vals), combo))
         if not points:
             continue
+        points.sort(key=lambda p: p[0])  # a grid listed out of order still draws as a line from left to right
         xs, means = [p[0] for p in points], [p[1] for p in points]
         ax.plot(xs, means, "-o", ms=4, color=colors[arm], label=arm.label)
         ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], color=colors[arm], alpha=0.18, lw=0)
@@ -53,7 +57,6 @@ def draw_selection(ax, exp: Experiment, data: dict) -> None:
     if numeric:
         ax.set_xscale("log")
     else:
-        combos = exp.arms[0].combos
         ax.set_xticks(range(len(combos)), [combo_text(c) for c in combos], rotation=30, fontsize=7)
     ax.set_xlabel(exp.tuned_keys[0] if numeric else "setting")
     ax.set_ylabel(f"validation {exp.metric}")

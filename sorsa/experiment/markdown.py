@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import statistics
 
-from .spec import Experiment, combo_text, fmt, show
+from .results import selection_values
+from .spec import Arm, Experiment, combo_text, fmt, show
 
 
 def _protocol(exp: Experiment) -> list[str]:
@@ -71,6 +72,18 @@ def _comparisons(exp: Experiment, comparisons: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def at_grid_edge(arm: Arm, combo: tuple) -> bool:
+    """Whether the setting `combo` of `arm` takes, for some tuned key with more than one numeric value, that key's
+    lowest or highest value: the optimum may then lie outside the grid. Keys with non-numeric values (or bools)
+    have no order, so no edge."""
+    for i, (_, chosen) in enumerate(combo):
+        values = {c[i][1] for c in arm.combos}
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and len(values) > 1 and chosen in (min(values), max(values)):
+            return True
+    return False
+
+
 def _selection(exp: Experiment, data: dict, figures: dict) -> list[str]:
     if not exp.tuned_keys:
         return []
@@ -79,13 +92,12 @@ def _selection(exp: Experiment, data: dict, figures: dict) -> list[str]:
              "is marked, and flagged when it lies at the edge of its grid (the optimum may be outside it).", "",
              f"| Method | setting | {exp.metric} | |", "|---|---|---|---|"]
     for arm in exp.arms:
-        for i, combo in enumerate(arm.combos):
-            values = [r["value"] for r in data["selection"] if r["arm"] == arm and r["combo"] == combo
-                      and r["selection"] and r["value"] is not None]
+        for combo in arm.combos:
+            values = selection_values(data["selection"], arm, combo)
             spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
             mark = ""
             if combo == data["choices"].get(arm):
-                mark = "**chosen**" + (" (grid edge)" if len(arm.combos) > 1 and i in (0, len(arm.combos) - 1) else "")
+                mark = "**chosen**" + (" (grid edge)" if at_grid_edge(arm, combo) else "")
             value = f"{statistics.fmean(values):.4f}{spread} ({len(values)})" if values else "– (not validated)"
             lines.append(f"| {arm.label} | {combo_text(combo)} | {value} | {mark} |")
     return lines + ["", f"![selection]({figures['selection'].name})", ""]

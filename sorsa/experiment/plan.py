@@ -66,6 +66,7 @@ def plan_experiment(exp: Experiment, gpus: int = 1) -> dict:
              f"{counts['shared']} of them among the selection runs",
              f"  trainings: {counts['trainings']}; test measurements: {counts['tests']} "
              f"({len(exp.tests)} tests: {', '.join(t.name for t in exp.tests)}; base models included)"]
+    lines.append(f"  training GPU-hours (estimate, {gpus} GPU(s) a run):")
     total, per_arm, bound = 0.0, {}, False
     for arm in exp.arms:
         cfg = exp.spec(arm, arm.combos[0], exp.seeds[0]).config
@@ -80,7 +81,6 @@ def plan_experiment(exp: Experiment, gpus: int = 1) -> dict:
         total += trainings * hours
         lines.append(f"    {arm.label:<24} {plan.trainable:,} trainable; {tokens:.3g} tokens a run; "
                      f"{trainings} trainings x {hours:.2f} GPU-h")
-    lines.insert(len(lines) - len(exp.arms), f"  training GPU-hours (estimate, {gpus} GPU(s) a run):")
     lines += [f"  total: {total:.1f} GPU-hours of training",
               f"  assumptions: {tflops:g} TFLOP/s peak (A100 bf16 by default) at {100 * utilization:.0f} % "
               "utilization; 6N-style FLOPs per token (sorsa.planner.training_flops_per_token); "

@@ -4,6 +4,7 @@ run's measurements (results.json) with its per-item verdicts (generations.jsonl)
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 from ..config import RunConfig
@@ -81,9 +82,20 @@ def selection_table(exp: Experiment) -> list[dict]:
     return rows
 
 
+def selection_values(table: list[dict], arm: Arm, combo: tuple) -> list[float]:
+    """The validation values of `arm` with the tuned setting `combo` on the selection seeds (rows of
+    `selection_table`; runs not validated are left out)."""
+    return [r["value"] for r in table if r["arm"] == arm and r["combo"] == combo and r["selection"]
+            and r["value"] is not None]
+
+
 def choose(exp: Experiment, table: list[dict]) -> dict:
     """arm -> the tuned setting with the best mean validation metric over the selection seeds (ties: the first
-    in grid order), or None when none of its selection runs was validated; without tuned keys, arm -> ()."""
+    in grid order), or None when none of its selection runs was validated; without tuned keys, arm -> ().
+
+    A non-finite mean (a diverged run's validation loss is NaN) never wins; when every validated setting of an
+    arm is non-finite, the first of them in grid order is kept, so that the arm still gets its final runs and
+    the report shows the divergence instead of leaving the arm out."""
     if not exp.tuned_keys:
         return {arm: () for arm in exp.arms}
     best = METRICS[exp.metric]
@@ -91,22 +103,23 @@ def choose(exp: Experiment, table: list[dict]) -> dict:
     for arm in exp.arms:
         means = {}
         for combo in arm.combos:
-            values = [r["value"] for r in table if r["arm"] == arm and r["combo"] == combo and r["selection"]
-                      and r["value"] is not None]
+            values = selection_values(table, arm, combo)
             if values:
                 means[combo] = statistics.fmean(values)
-        choices[arm] = best(means, key=means.get) if means else None
+        finite = {combo: mean for combo, mean in means.items() if math.isfinite(mean)}
+        choices[arm] = best(finite, key=finite.get) if finite else next(iter(means), None)
     return choices
 
 
 def train_records(run: RunDir) -> tuple[dict[int, float], float | None]:
-    """({step: training loss}, the Trainer's train_runtime in seconds) from the run's training log."""
-    losses = {r["step"]: r["loss"] for r in run.read_train_log()}
-    runtime = None
-    if run.train_log_file.is_file():
-        rows = parse_json_lines(run.train_log_file.read_text(), str(run.train_log_file))
-        runtime = next((r["train_runtime"] for _, r in reversed(rows) if isinstance(r, dict) and "train_runtime" in r),
-                       None)
+    """({step: training loss}, the Trainer's train_runtime in seconds) from the run's training log (the records
+    `RunDir.read_train_log` gives, and the last with a train_runtime), read once."""
+    if not run.train_log_file.is_file():
+        return {}, None
+    rows = [r for _, r in parse_json_lines(run.train_log_file.read_text(), str(run.train_log_file))
+            if isinstance(r, dict)]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+    runtime = next((r["train_runtime"] for r in reversed(rows) if "train_runtime" in r), None)
     return losses, runtime
 
 

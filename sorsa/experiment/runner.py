@@ -75,13 +75,13 @@ def _do(job: Job) -> bool:
             ensure_scored(job.config, test, trained=False)
         return False
     trained = ensure_trained(job.config)
-    if job.metric:
-        ensure_validated(job)
-    if job.kind == "final":
+    if job.kind == "final":  # scored first: the merged model that scoring writes then serves the validation too
         for test in job.tests:
             ensure_scored(job.config, test, trained=True)
         if job.analyze:
             ensure_analyzed(job.config, job.top_k)
+    if job.metric:
+        ensure_validated(job)
     merged = run_dir(job.config.run_path, job.config.name).merged_dir
     if not job.keep_merged and merged.is_dir():  # re-creatable with run.py --merge
         shutil.rmtree(merged)
@@ -164,32 +164,88 @@ def _init_worker(devices, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _pool(workers: int):
-    """A spawn-context process pool of `workers` (at most one per GPU when there are GPUs)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
+def _pool_plan(workers: int) -> tuple[list[str] | None, int, int]:
+    """(the GPU of each worker, None without GPUs; the number of workers, at most one per GPU; the threads of
+    each worker)."""
     import torch
 
-    ctx = get_context("spawn")
     devices = None
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         workers = min(workers, len(ids))
-        devices = ctx.Queue()
-        for device in ids[:workers]:
-            devices.put(device)
+        devices = ids[:workers]
     # OMP_NUM_THREADS, when set, decides (a run's numbers can depend on its thread count); else a share of the cores
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
+    return devices, workers, threads
+
+
+def _pool(workers: int, devices: list[str] | None, threads: int):
+    """A spawn-context process pool of `workers`, each with one GPU of `devices` (when given) and `threads`."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    ctx = get_context("spawn")
+    queue = None
+    if devices is not None:
+        queue = ctx.Queue()
+        for device in devices:
+            queue.put(device)
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(devices, threads))
+                               initargs=(queue, threads))
 
 
-def execute(exp: Experiment, jobs: list[Job], workers: int, progress: bool = True) -> list[Outcome]:
-    """Do `jobs`, one after another here (workers 1) or side by side in worker processes; returns the outcomes."""
-    from concurrent.futures import as_completed
+def _pool_round(jobs: list[Job], workers: int, devices, threads: int, done, work) -> tuple[list[Job], list[Job]]:
+    """Do `jobs` in one pool, submitting at most `workers` at a time, so that a worker that dies (and with it the
+    pool) cuts off only the jobs in flight. Returns (the jobs cut off, the jobs not yet submitted); both empty when
+    the pool held to the end."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
 
+    queue, flight, cut, broken = list(jobs), {}, [], False
+    with _pool(workers, devices, threads) as pool:
+        while True:
+            while queue and not broken and len(flight) < workers:
+                try:
+                    future = pool.submit(work, queue[0])
+                except BrokenProcessPool:  # broke since the last wait: the futures in flight say which jobs it cut
+                    broken = True
+                    break
+                flight[future] = queue.pop(0)
+            if not flight:  # (waiting on no futures would never return)
+                break
+            finished, _ = wait(flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = flight.pop(future)
+                try:
+                    done(future.result())
+                except BrokenProcessPool:
+                    cut.append(job)
+                    broken = True
+                except Exception as err:  # the job's outcome could not come back (run_job catches its own errors)
+                    done(Outcome(job.config.name, job.kind, False, error=f"in its worker: {type(err).__name__}: "
+                                 f"{err}", log=job.log))
+    return cut, queue
+
+
+def _in_workers(jobs: list[Job], workers: int, done, work) -> None:
+    """Do `jobs` side by side in worker processes. A worker that dies abruptly (killed, out of memory) breaks its
+    pool and every job in flight there; each of those is done again alone, in a pool of one worker with the same
+    thread count and one GPU, and reported failed only if it dies again (jobs resume, so little is repeated). The
+    jobs not yet started go on in a fresh pool."""
+    devices, workers, threads = _pool_plan(workers)
+    rest = list(jobs)
+    while rest:  # each round does at least the first job it submits, so this ends
+        cut, rest = _pool_round(rest, workers, devices, threads, done, work)
+        for job in cut:
+            if _pool_round([job], 1, devices and devices[:1], threads, done, work)[0]:
+                done(Outcome(job.config.name, job.kind, False, error="worker died, also when run alone (killed, "
+                             "out of memory?)", log=job.log))
+
+
+def execute(exp: Experiment, jobs: list[Job], workers: int, progress: bool = True, work=run_job) -> list[Outcome]:
+    """Do `jobs`, one after another here (workers 1) or side by side in worker processes; returns the outcomes.
+    `work` does one job (run_job; a test gives another, importable by the workers)."""
     from tqdm.auto import tqdm
 
     outcomes = []
@@ -204,16 +260,9 @@ def execute(exp: Experiment, jobs: list[Job], workers: int, progress: bool = Tru
 
     if workers <= 1:
         for job in jobs:
-            done(run_job(job))
+            done(work(job))
     elif jobs:  # in workers even for one job: a run's numbers depend on its thread count, so keep it the same
-        with _pool(workers) as pool:
-            futures = {pool.submit(run_job, job): job for job in jobs}
-            for future in as_completed(futures):
-                job = futures[future]
-                try:
-                    done(future.result())
-                except Exception as err:  # the worker process itself died (killed, out of memory)
-                    done(Outcome(job.config.name, job.kind, False, error=f"worker died: {err}", log=job.log))
+        _in_workers(jobs, workers, done, work)
     bar.close()
     return outcomes
 
@@ -233,20 +282,18 @@ def _base_jobs(exp: Experiment) -> list[Job]:
 def validation_files(exp: Experiment) -> dict:
     """run name -> the GSM-8K-schema file of its validation rows (written once per training set), for
     validation accuracy; {} for other metrics."""
-    from ..data import load_train_dataset, math_validation_examples, split_validation
-    from ..loading import resolve_data_file
+    from ..data import math_validation_examples
+    from ..recipe import training_rows
 
     if exp.metric != "val_accuracy":
         return {}
     files = {}
-    for spec in exp.selection_runs() + [exp.spec(a, c, s) for a in exp.arms for c in a.combos for s in exp.seeds]:
+    for spec in exp.all_runs():
         cfg = spec.config
         key = settings_hash({k: getattr(cfg, k) for k in ("train_dataset", "split", "train_file", "val_size")})
         path = exp.validation_file(key[:12])
         if not path.is_file():
-            train_file = resolve_data_file(cfg.train_file, cfg.cache_path, cfg.run_path, "train")
-            rows = split_validation(load_train_dataset(cfg.train_dataset, cfg.split, train_file, cfg.cache_path),
-                                    cfg.val_size)[1]
+            rows = training_rows(cfg, validation=True)
             atomic_write_text(path, jsonl_text(math_validation_examples(rows, cfg.train_dataset)))
         files[spec.name] = str(path)
     return files

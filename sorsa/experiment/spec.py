@@ -143,6 +143,11 @@ class Experiment:
         every seed."""
         return [self.spec(a, choices[a], s) for a in self.arms if choices.get(a) is not None for s in self.seeds]
 
+    def all_runs(self) -> list[RunSpec]:
+        """Every run the experiment may train: the selection runs, then every tuned setting of every arm with
+        each final seed (whichever setting is chosen); a run in both lists appears twice."""
+        return self.selection_runs() + [self.spec(a, c, s) for a in self.arms for c in a.combos for s in self.seeds]
+
     def base_models(self) -> list[tuple[str, RunConfig]]:
         """(run name, RunConfig) of each distinct base model, scored on the tests as it is."""
         models = dict.fromkeys(self.spec(a, a.combos[0], self.seeds[0]).config.model for a in self.arms)
@@ -206,8 +211,9 @@ def _base(raw, source: str, overrides: dict) -> tuple[str | None, dict, RunConfi
 def _grid(raw, source: str, base: RunConfig) -> tuple[dict, list]:
     """The grid with every value list checked, and the methods."""
     grid = _check_keys(raw if raw is not None else {}, RunConfig.keys(), f"{source}: grid")
+    training = base.training_settings()
     for key, values in grid.items():
-        if not dataclasses.fields(RunConfig)[RunConfig.keys().index(key)].metadata.get("training", True):
+        if key not in training:
             raise ValueError(f"{source}: grid key {key!r} does not change training; list test sets under `test` "
                              "and give other settings in `base`")
         lists = values.values() if isinstance(values, dict) else [values]
@@ -337,9 +343,8 @@ def load_experiment(path: str, overrides: dict | None = None) -> Experiment:
 def _check_runs(exp: Experiment) -> None:
     """Every run resolves to valid settings, distinct runs get distinct names, and validation accuracy is only
     asked of math training data."""
-    specs = exp.selection_runs() + [exp.spec(a, c, s) for a in exp.arms for c in a.combos for s in exp.seeds]
     names = {}
-    for spec in specs:
+    for spec in exp.all_runs():
         other = names.setdefault(spec.name, spec.config)
         if other.training_settings() != spec.config.training_settings():
             raise ValueError(f"{exp.source}: two different runs would both be named {spec.name!r}; make the grid's "

@@ -145,7 +145,7 @@ def initial_adapter(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: f
 
 
 def quantized_split(weight: torch.Tensor, rank: int, quantize, dequantize, iters: int = 1, scale: float = 1.0,
-                    alpha_init: str = "tail", method: str = "full",
+                    alpha_init: str = "tail", method: str = "full", rounds: list | None = None,
                     **svd_options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adapter (U_p, S_p, Vh_p) over a quantized residual, by PiSSA's alternating initialisation
     (arXiv 2404.02948, Sec. 4.3 / its init_qpissa.py, as LoftQ): res = W; `iters` (T) times:
@@ -156,6 +156,7 @@ def quantized_split(weight: torch.Tensor, rank: int, quantize, dequantize, iters
     weight: (out, in); `quantize(W)` -> anything `dequantize` turns back into a float32 (out, in) matrix.
     Returns the last round's adapter (float32); the caller quantizes W − scale · U_p diag(S_p) Vh_p once
     more from these factors as stored (SORSALinear.set_factors), which is exactly what a reload does.
+    `rounds`, when given, receives every round's adapter in order (round t's is what T = t returns).
     """
     if iters < 1:
         raise ValueError(f"quant_iters={iters} must be >= 1 (1: quantize the residual once)")
@@ -163,6 +164,8 @@ def quantized_split(weight: torch.Tensor, rank: int, quantize, dequantize, iters
     residual = W
     for round_ in range(iters):
         factors = initial_adapter(*svd_top(residual, rank, method, **svd_options), scale, alpha_init)
+        if rounds is not None:
+            rounds.append(factors)
         if round_ < iters - 1:
             residual = W - dequantize(quantize(split_weight(W, *factors, scale, torch.float32)))
     return factors

@@ -32,30 +32,29 @@ def layer_errors(W: torch.Tensor, rank: int, spec: QuantSpec, iters: int, svd: s
     Q, deq = quantizer(spec)
     W = W.to(torch.float32)
     errors = {"qlora": nuclear_norm(W - deq(Q(W)))}
-    for key, rounds in (("t1", 1), ("tN", iters)):
-        U, S, Vh = SF.quantized_split(W, rank, Q, deq, rounds, method=svd)
+    rounds: list = []  # T = 1 is the first round of T = iters: one run of the rounds gives both
+    SF.quantized_split(W, rank, Q, deq, iters, method=svd, rounds=rounds)
+    for key, (U, S, Vh) in (("t1", rounds[0]), ("tN", rounds[-1])):
         approx = deq(Q(SF.split_weight(W, U, S, Vh, 1.0, torch.float32))) + SF.adapter_delta(U, S, Vh)
         errors[key] = nuclear_norm(W - approx)
     return errors
 
 
 def model_weights(model_dir: str, targets):
-    """(layer name, float32 weight) of every target linear layer of a safetensors checkpoint, one at a time."""
-    from transformers import AutoConfig
-
+    """(layer name, float32 weight) of every target linear layer of a safetensors checkpoint, one at a time;
+    the targets (none: the architecture's defaults; all-linear) matched on the model's meta skeleton, as
+    training matches them."""
     from .fileio import TensorReader
-    from .targets import ALL_LINEAR, default_targets, is_target
+    from .planner import load_model_config, meta_model
+    from .targets import ALL_LINEAR, default_targets, find_target_modules
 
-    if targets in (ALL_LINEAR, [ALL_LINEAR]):
-        raise ValueError("--target-modules all-linear needs the model's modules; name them instead (e.g. q_proj "
-                         "v_proj), or leave the option out for the architecture's defaults")
+    config, _ = load_model_config(model_dir)
+    if targets == [ALL_LINEAR]:
+        targets = ALL_LINEAR
+    targets = targets or default_targets(getattr(config, "model_type", None))
     reader = TensorReader(model_dir)
-    if not targets:
-        targets = default_targets(getattr(AutoConfig.from_pretrained(model_dir), "model_type", None))
-    for key in reader.keys():
-        name = key[:-len(".weight")]
-        if key.endswith(".weight") and len(reader.shape(key)) == 2 and is_target(name, targets):
-            yield name, reader.get(key).to(torch.float32)
+    for name, _ in find_target_modules(meta_model(config), targets):
+        yield name, reader.get(reader.weight_key(name)).to(torch.float32)
 
 
 def synthetic_weights(shapes: list[str]):

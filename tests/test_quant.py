@@ -198,3 +198,23 @@ def test_quant_error_command_orders_the_initialisations(tmp_path):
         assert float(r["tN"]) < float(r["t1"]) < float(r["qlora"])
     assert "| **total** | 2 |" in (tmp_path / "quant_error.md").read_text()
     assert (tmp_path / "quant_error.png").stat().st_size > 0
+
+
+def test_quant_error_of_a_checkpoint_follows_the_target_rule_and_one_run_of_rounds(builtin_model_dir):
+    """`--model DIR`: the layers are those training adapts (the defaults; all-linear: every linear layer but the
+    head), and T = 1 taken from the first round of T = 3 equals a separate T = 1 initialisation."""
+    from sorsa.quant_error import layer_errors, model_weights
+
+    defaults = [name for name, _ in model_weights(str(builtin_model_dir), None)]
+    every = [name for name, _ in model_weights(str(builtin_model_dir), ["all-linear"])]
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert len(defaults) % 7 == 0 and {n.rsplit(".", 1)[1] for n in defaults} == set(projections)
+    assert set(every) == set(defaults) and not any("lm_head" in n for n in every)  # Llama: the same layers
+    name, W = next(model_weights(str(builtin_model_dir), ["q_proj"]))
+    spec = QuantSpec("nf4", compute_dtype=torch.float32)
+    errors = layer_errors(W, 4, spec, 3)
+    Q, deq = quantizer(spec)
+    U, S, Vh = SF.quantized_split(W, 4, Q, deq, 1)
+    t1 = torch.linalg.svdvals(W - deq(Q(SF.split_weight(W, U, S, Vh, 1.0, torch.float32))) - SF.adapter_delta(U, S, Vh))
+    assert errors["t1"] == pytest.approx(t1.double().sum().item(), rel=1e-5)
+    assert errors["tN"] < errors["t1"] < errors["qlora"]

@@ -16,6 +16,7 @@ __all__ = ["RWKV6Config", "RWKV6ForCausalLM", "RWKV6Model", "RWKV6State", "load_
            "load_rwkv_tokenizer", "VOCAB_FILE", "wkv6_chunked", "wkv6_recurrent", "official_to_hf_state_dict",
            "hf_to_official_state_dict", "config_from_state_dict"]
 
+# `AutoConfig` / `AutoModelForCausalLM` resolve model_type "rwkv6" (e.g. a merged model directory) to this package.
 try:
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -112,7 +112,7 @@ def load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
     if not directory.is_dir():
         raise FileNotFoundError(f"{str(directory)!r} is not a directory; pass a local RWKV6 -HF model directory")
-    for weights_name, loader in (("model.safetensors", load_file), ("pytorch_model.bin", _torch_load_safe)):
+    for weights_name, loader in (("model.safetensors", load_file), ("pytorch_model.bin", torch_load_safe)):
         files = checkpoint_files(directory, weights_name)
         if files:
             sd = {}
@@ -122,11 +122,13 @@ def load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{str(directory)!r} has no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
-def _torch_load_safe(path: str) -> dict[str, torch.Tensor]:
+def torch_load_safe(path: str, hint: str = "") -> dict[str, torch.Tensor]:
+    """A torch checkpoint read with weights_only=True (nothing is unpickled); anything else is one ValueError
+    (`hint`: what to pass instead)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not loadable with weights_only=True ({type(e).__name__}); "
-                         "it holds more than tensors, so it is not read") from None
+    except Exception as e:  # a pickle with non-tensor objects, or not a torch file at all
+        raise ValueError(f"{str(path)!r} is not a plain tensor checkpoint loadable with weights_only=True "
+                         f"({type(e).__name__}), so it is not read{hint}") from None
 
 

@@ -18,7 +18,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration import RWKV6Config
-from .convert import config_from_state_dict, hf_to_official_state_dict, load_hf_weights, official_to_hf_state_dict
+from .convert import (config_from_state_dict, hf_to_official_state_dict, load_hf_weights, official_to_hf_state_dict,
+                      torch_load_safe)
 from .wkv import wkv6_chunked, wkv6_recurrent
 
 # A recurrent state: one (att_shift (B, C), wkv (B, H, N, N) float32, ffn_shift (B, C)) per layer.
@@ -409,11 +410,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"RWKV checkpoint {str(path)!r} does not exist; pass the path of an RWKV6 .pth")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a pickle with non-tensor objects, or not a torch file at all
-            raise ValueError(f"{str(path)!r} is not a plain tensor checkpoint loadable with weights_only=True "
-                             f"({type(e).__name__}); pass an official RWKV6 .pth") from None
+        sd = torch_load_safe(str(path), "; pass an official RWKV6 .pth")
         sd = official_to_hf_state_dict(sd, source=str(path))  # drops the last reference to the original dict
         return cls.from_state_dict(sd, dtype=dtype, consume=True)
 

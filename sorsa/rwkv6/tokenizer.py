@@ -165,5 +165,3 @@ def load_rwkv_tokenizer(path: str | os.PathLike | None = None):
         return RWKVWorldTokenizer.from_pretrained(directory)
     return RWKVWorldTokenizer()
 
-
-# `AutoConfig` / `AutoModelForCausalLM` resolve model_type "rwkv6" (e.g. a merged model directory) to this module.

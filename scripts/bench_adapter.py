@@ -16,26 +16,13 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from reference_forward import DenseDelta  # scripts/
 from sorsa import SORSALinear
 from sorsa import functional as SF
 
 METHODS = ("sorsa", "lora", "dense", "frozen")
 QUANT_METHODS = ("qsorsa", "qlora", "qfrozen", "sorsa", "lora", "frozen")  # --quantize: 4-bit NF4 and the same unquantized
-
-
-class DenseDeltaSORSA(nn.Module):
-    """The reference implementation's forward: builds W_res + U_p diag(S_p) Vh_p (out x in) every call."""
-
-    def __init__(self, layer: SORSALinear):
-        super().__init__()
-        self.W_res = layer.base_layer.weight
-        self.U_p, self.S_p, self.Vh_p = (nn.Parameter(layer.U_p.detach().clone()), nn.Parameter(layer.S_p.detach().clone()),
-                                         nn.Parameter(layer.Vh_p.detach().clone()))
-
-    def forward(self, x):
-        return F.linear(x, self.W_res + (self.U_p * self.S_p) @ self.Vh_p)
 
 
 def build(method: str, dim: int, rank: int) -> nn.Module:
@@ -61,7 +48,7 @@ def build(method: str, dim: int, rank: int) -> nn.Module:
     layer = SORSALinear(base, rank)
     # the factors' values do not change the timing: a cheap randomized SVD
     layer.set_factors(*SF.initial_adapter(*SF.svd_top(base.weight, rank, "randomized", niter=1)), quant=spec)
-    return layer if method in ("sorsa", "qsorsa") else DenseDeltaSORSA(layer)
+    return layer if method in ("sorsa", "qsorsa") else DenseDelta(layer)
 
 
 def step(module: nn.Module, x: torch.Tensor):

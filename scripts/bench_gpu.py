@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from sorsa import SORSAConfig, apply_sorsa, merge_and_unload, sorsa_layers  # noqa: E402
 from sorsa.baselines import apply_peft_baseline  # noqa: E402
 from sorsa.targets import LLAMA_TARGETS  # noqa: E402
+from reference_forward import DenseDelta  # noqa: E402  (scripts/)
 
 FULL = dict(config=ROOT / "configs" / "models" / "Llama-2-7b-hf.json", rank=128, batch=2, tokens=512, steps=5,
             warmup=2, gen_batches=(1, 64), prompt=64, new_tokens=128, device="cuda", dtype=torch.bfloat16)
@@ -93,19 +92,6 @@ def bench_init(base, spec: dict, timer: Timer, methods) -> dict:
     return out
 
 
-class DenseDelta(nn.Module):
-    """The reference's forward: W_res x + scale · ((U_p S_p) Vh_p) x, the out x in delta built on every call."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        layer = self.layer
-        delta = (layer.U_p * layer.S_p) @ layer.Vh_p  # (out, in), float32
-        return layer.base_layer(x) + layer.scale * F.linear(x.to(delta.dtype), delta).to(x.dtype)
-
-
 def adapted(base, method: str, spec: dict):
     """A fresh copy of `base` with the method's adapters (SORSA and PiSSA from the fast SVD, to save time)."""
     model = copy.deepcopy(base)
@@ -134,7 +120,9 @@ def adapted(base, method: str, spec: dict):
     return model
 
 
-def train_step_rate(model, spec: dict, timer: Timer, checkpointing: bool) -> dict:
+def train_step_rate(model, spec: dict, timer: Timer, checkpointing: bool, before: int) -> dict:
+    """Seconds per training step, tokens/s and the peak memory of the adapted model, its optimizer state and
+    the step (`before`: the bytes allocated before the model was made, i.e. the shared base model's)."""
     model.train()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if checkpointing:
@@ -159,7 +147,7 @@ def train_step_rate(model, spec: dict, timer: Timer, checkpointing: bool) -> dic
 
     for _ in range(spec["warmup"]):
         step()
-    start_mem = timer.reset_peak()
+    timer.reset_peak()
     timer.sync()
     start = time.perf_counter()
     for _ in range(spec["steps"]):
@@ -169,7 +157,7 @@ def train_step_rate(model, spec: dict, timer: Timer, checkpointing: bool) -> dic
     if checkpointing:
         inner.gradient_checkpointing_disable()
     return {"seconds_per_step": seconds, "tokens_per_s": spec["batch"] * spec["tokens"] / seconds,
-            "peak_gib": timer.peak(start_mem) + (torch.cuda.memory_allocated() / 2 ** 30 if timer.cuda else 0.0)}
+            "peak_gib": timer.peak(before)}
 
 
 def bench_train(base, spec: dict, timer: Timer) -> list[dict]:
@@ -178,9 +166,11 @@ def bench_train(base, spec: dict, timer: Timer) -> list[dict]:
     if importlib.util.find_spec("bitsandbytes") is not None:
         methods += ("qsorsa", "qlora")  # over a 4-bit NF4 base
     for method in methods:
+        before = timer.reset_peak()  # the base model stays allocated: not counted in the method's peak
         model = adapted(base, method, spec)
         for checkpointing in (False, True):
-            row = {"method": method, "checkpointing": checkpointing, **train_step_rate(model, spec, timer, checkpointing)}
+            row = {"method": method, "checkpointing": checkpointing,
+                   **train_step_rate(model, spec, timer, checkpointing, before)}
             rows.append(row)
             print(f"  step {method} ckpt={checkpointing}: {row['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
         del model

@@ -137,11 +137,8 @@ def our_side(work: Path, ref: dict, ids) -> dict:
         found[f"{key}: max |S_p - reference S_p|"] = max(_max(l.S_p, ref[tag]["S"][n]) for n, l in layers.items())
         with torch.no_grad():
             found[f"{key}: max |logits - reference logits| at init"] = _max(model(input_ids=ids).logits, ref[tag]["logits_init"])
-    model = apply_sorsa(copy.deepcopy(base), SORSAConfig(rank=RANK), progress=False)
+    model = _with_reference_factors(base, ref)
     with torch.no_grad():  # the reference's moved factors, then forward, L_o, merge and unmerge
-        for n, layer in sorsa_layers(model):
-            f = ref["scale1"]["factors"][n]
-            layer.U_p.copy_(torch.tensor(f["B"])), layer.S_p.copy_(torch.tensor(f["S"])), layer.Vh_p.copy_(torch.tensor(f["A"]))
         found["moved factors: max |logits - reference logits|"] = _max(model(input_ids=ids).logits,
                                                                         ref["scale1"]["logits_moved"])
         found["moved factors: |L_o - reference calc_ortho|"] = abs(orthonormal_loss(model).item() - ref["scale1"]["ortho"])
@@ -161,15 +158,31 @@ def our_side(work: Path, ref: dict, ids) -> dict:
     return found
 
 
+def _with_reference_factors(base, ref: dict):
+    """A copy of `base` with SORSA applied here and the reference's moved factors (B = U_p, S, A = Vh_p) put in."""
+    import copy
+
+    import torch
+
+    from sorsa import SORSAConfig, apply_sorsa, sorsa_layers
+
+    model = apply_sorsa(copy.deepcopy(base), SORSAConfig(rank=RANK), progress=False)
+    with torch.no_grad():
+        for n, layer in sorsa_layers(model):
+            f = ref["scale1"]["factors"][n]
+            for name, key in (("U_p", "B"), ("S_p", "S"), ("Vh_p", "A")):
+                getattr(layer, name).copy_(torch.tensor(f[key]))
+    return model
+
+
 def _training_steps(base, ref: dict) -> dict:
     """Two optimizer steps of this project's trainer on the reference's data order, both normalisations."""
-    import copy
 
     import torch
     from datasets import Dataset
     from transformers import default_data_collator
 
-    from sorsa import SORSAConfig, apply_sorsa, sorsa_layers
+    from sorsa import sorsa_layers
     from sorsa.trainer import SORSATrainer, SORSATrainingArguments
 
     class Sequential(SORSATrainer):
@@ -179,12 +192,7 @@ def _training_steps(base, ref: dict) -> dict:
     rows = _rows(TRAIN["batch"] * TRAIN["accum"] * TRAIN["steps"])
     found = {}
     for normalization in ("reference", "tokens"):
-        model = apply_sorsa(copy.deepcopy(base), SORSAConfig(rank=RANK), progress=False)
-        with torch.no_grad():  # the same start as the reference side: its moved factors
-            for n, layer in sorsa_layers(model):
-                f = ref["scale1"]["factors"][n]
-                layer.U_p.copy_(torch.tensor(f["B"])), layer.S_p.copy_(torch.tensor(f["S"]))
-                layer.Vh_p.copy_(torch.tensor(f["A"]))
+        model = _with_reference_factors(base, ref)  # the same start as the reference side
         args = SORSATrainingArguments(
             output_dir=tempfile.mkdtemp(), per_device_train_batch_size=TRAIN["batch"],
             gradient_accumulation_steps=TRAIN["accum"], learning_rate=TRAIN["lr"], lr_scheduler_type="constant",
@@ -208,6 +216,7 @@ def layer_speed(reps: int = 5) -> dict:
     import torch
     import torch.nn as nn
 
+    from reference_forward import DenseDelta  # scripts/
     from sorsa import SORSALinear
     from sorsa import functional as SF
 
@@ -216,9 +225,7 @@ def layer_speed(reps: int = 5) -> dict:
     layer.set_factors(*SF.initial_adapter(*SF.svd_top(layer.weight, 64, "randomized", niter=1)))
     x = torch.randn(4, 128, 1024)
 
-    def dense(inp):  # the reference's forward: the out x in delta built on every call
-        return nn.functional.linear(inp, layer.weight) + nn.functional.linear(inp, (layer.U_p * layer.S_p) @ layer.Vh_p)
-
+    dense = DenseDelta(layer)  # the reference's forward: the out x in delta built on every call
     times = {"this project": [], "reference (dense delta)": []}
     for _ in range(reps):
         for name, fn in (("this project", layer), ("reference (dense delta)", dense)):

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from reference_forward import DenseDelta  # scripts/
 from sorsa import SORSALinear
-from sorsa import functional as SF
+from sorsa.core import functional as SF
 
 METHODS = ("sorsa", "lora", "dense", "frozen")
 QUANT_METHODS = ("qsorsa", "qlora", "qfrozen", "sorsa", "lora", "frozen")  # --quantize: 4-bit NF4 and the same unquantized
@@ -32,7 +32,7 @@ def build(method: str, dim: int, rank: int) -> nn.Module:
     base.weight.requires_grad_(False)
     spec = None
     if method.startswith("q"):
-        from sorsa.quant import QuantSpec, quantize_linear
+        from sorsa.core.quant import QuantSpec, quantize_linear
 
         spec = QuantSpec("nf4", compute_dtype=torch.float32)
         if method != "qsorsa":

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sorsa import SORSAConfig, apply_sorsa, merge_and_unload, sorsa_layers  # noqa: E402
-from sorsa.baselines import apply_peft_baseline  # noqa: E402
-from sorsa.targets import LLAMA_TARGETS  # noqa: E402
+from sorsa.methods.peft_lora import apply_peft_baseline
+from sorsa.core.targets import LLAMA_TARGETS
 from reference_forward import DenseDelta  # noqa: E402  (scripts/)
 
 FULL = dict(config=ROOT / "configs" / "models" / "Llama-2-7b-hf.json", rank=128, batch=2, tokens=512, steps=5,
@@ -110,8 +110,8 @@ def adapted(base, method: str, spec: dict):
     if method == "qlora":
         from peft import LoraConfig, get_peft_model
 
-        from sorsa.model import quantize_linear_layers
-        from sorsa.quant import QuantSpec
+        from sorsa.core.model import quantize_linear_layers
+        from sorsa.core.quant import QuantSpec
 
         quantize_linear_layers(model, QuantSpec("nf4", compute_dtype=spec["dtype"]))
         return get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], target_modules=LLAMA_TARGETS))
@@ -230,7 +230,7 @@ def main(argv=None):
     if spec["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU machine, or pass --tiny for the CPU shape")
     timer = Timer(spec["device"])
-    from sorsa.runs import package_versions
+    from sorsa.core.records import package_versions
 
     base = build_model(spec)
     methods = ["fast", "randomized"] + ([] if args.skip_full_init else ["full"])

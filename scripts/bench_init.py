@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sorsa import functional as SF  # noqa: E402
-from sorsa.synthetic import llm_like_weight  # noqa: E402
+from sorsa.core import functional as SF
+from sorsa.tools.synthetic import llm_like_weight
 
 # Llama-2-7B (configs/models/Llama-2-7b-hf.json): (out, in) -> projections per block; 32 blocks.
 LLAMA2_7B = {(4096, 4096): ("q/k/v/o_proj", 4), (11008, 4096): ("gate/up_proj", 2), (4096, 11008): ("down_proj", 1)}

@@ -125,7 +125,7 @@ def our_side(work: Path, ref: dict, ids) -> dict:
     from transformers import AutoModelForCausalLM
 
     from sorsa import SORSAConfig, apply_sorsa, load_adapter, merge_adapter, orthonormal_loss, sorsa_layers, unmerge_adapter
-    from sorsa.convert import from_reference
+    from sorsa.tools.convert import from_reference
 
     base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32).eval()
     found = {}
@@ -183,7 +183,7 @@ def _training_steps(base, ref: dict) -> dict:
     from transformers import default_data_collator
 
     from sorsa import sorsa_layers
-    from sorsa.trainer import SORSATrainer, SORSATrainingArguments
+    from sorsa.train.trainer import SORSATrainer, SORSATrainingArguments
 
     class Sequential(SORSATrainer):
         def _get_train_sampler(self, *args, **kwargs):
@@ -218,7 +218,7 @@ def layer_speed(reps: int = 5) -> dict:
 
     from reference_forward import DenseDelta  # scripts/
     from sorsa import SORSALinear
-    from sorsa import functional as SF
+    from sorsa.core import functional as SF
 
     torch.manual_seed(0)
     layer = SORSALinear(nn.Linear(1024, 1024, bias=False), 64)

@@ -42,7 +42,7 @@ N_TRAIN, N_TEST, DATA_SEED = 4400, 200, 0  # 400 of the training problems are he
 def build_data(out: Path, pre: dict) -> None:
     """Level-2 train/test files (the fine-tuning task) and a level-1 test file (the pre-training task), with no
     test question seen in training or pre-training."""
-    from sorsa.builtin import make_problems, materialize_dataset, pretrain_problems
+    from sorsa.tasks.builtin import make_problems, materialize_dataset, pretrain_problems
 
     materialize_dataset(out / "data" / "level2", n_train=N_TRAIN, n_test=N_TEST, seed=DATA_SEED, level=2)
     seen = {p.question for p in pretrain_problems(pre["steps"], pre["batch_size"], pre["seed"], pre["level"])}
@@ -57,7 +57,7 @@ def build_base(out: Path, pre: dict) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from sorsa import builtin as B
+    from sorsa.tasks import builtin as B
 
     torch.set_num_threads(int(os.environ.get("MINI_PRETRAIN_THREADS", "1")))
     tokenizer = B.build_tokenizer()

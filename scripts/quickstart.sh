@@ -7,7 +7,7 @@ source scripts/setup_env.sh
 start=$(date +%s)
 python run.py --config configs/quickstart.yaml "$@"
 python - <<'PY'
-from sorsa.runs import RunDir
+from sorsa.train.runs import RunDir
 run = RunDir("runs/quickstart")
 losses = [(r["step"], r["loss"]) for r in run.read_train_log()]
 print("training loss by step: " + ", ".join(f"{s}: {l:.3f}" for s, l in losses[:: max(1, len(losses) // 8)] + losses[-1:]))

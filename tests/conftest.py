@@ -14,7 +14,7 @@ BUILTIN_TEST_PRETRAIN_STEPS = 25
 @pytest.fixture(scope="session")
 def builtin_model_dir(tmp_path_factory):
     """A complete built-in model directory (config, safetensors, tokenizer), pre-trained briefly."""
-    from sorsa.builtin import materialize_model
+    from sorsa.tasks.builtin import materialize_model
 
     return materialize_model(tmp_path_factory.mktemp("builtin") / "tiny-llama",
                              pretrain_steps=BUILTIN_TEST_PRETRAIN_STEPS, progress=False)

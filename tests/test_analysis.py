@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-import run
-from sorsa.analysis import analyze_main, analyze_run, plot_analysis, read_csv, svd_variation
-from sorsa.report import build_report, load_paper_results
+from sorsa import cli as run
+from sorsa.tools.analysis import analyze_main, analyze_run, plot_analysis, read_csv, svd_variation
+from sorsa.tools.report import build_report, load_paper_results
 
 from test_run import _train_argv
 
@@ -202,7 +202,7 @@ def test_paper_results_hold_pissas_quantized_llama3_70b_row():
     assert set(quantized) == {"QLoRA", "QPiSSA"}
     assert (quantized["QLoRA"]["gsm8k"], quantized["QPiSSA"]["gsm8k"]) == (81.73, 86.05)
     assert all(r["source"].startswith("PiSSA") and r["math"] is None for r in quantized.values())
-    from sorsa.report import find_paper_row
+    from sorsa.tools.report import find_paper_row
 
     row = find_paper_row(load_paper_results(), "meta-llama/Meta-Llama-3-70B", "pissa", quantize="nf4")
     assert row == quantized["QPiSSA"]
@@ -228,9 +228,9 @@ def test_full_fine_tuning_is_analysed_on_the_architectures_own_targets(tmp_path,
     all-linear as training finds it: every Conv1D of the blocks, not the tied head), not on Llama's names."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sorsa.analysis import _full_ft_layers
-    from sorsa.config import RunConfig
-    from sorsa.fileio import TensorReader
+    from sorsa.tools.analysis import _full_ft_layers
+    from sorsa.train.settings import RunConfig
+    from sorsa.core.fileio import TensorReader
 
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
         tmp_path / "gpt2")

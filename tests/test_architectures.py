@@ -9,10 +9,10 @@ import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config)
 from transformers.pytorch_utils import Conv1D
 
-import run
+from sorsa import cli as run
 from sorsa import SORSAConfig, apply_sorsa, load_adapter, merge_and_unload, sorsa_layers
-from sorsa.builtin import build_tokenizer, materialize_dataset
-from sorsa.targets import ALL_LINEAR, DEFAULT_TARGETS, LINEAR_TYPES, find_target_modules
+from sorsa.tasks.builtin import build_tokenizer, materialize_dataset
+from sorsa.core.targets import ALL_LINEAR, DEFAULT_TARGETS, LINEAR_TYPES, find_target_modules
 
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -61,7 +61,7 @@ def test_architecture_trains_merges_and_reloads_through_run_py(tmp_path, data, a
     run_dir = tmp_path / "runs" / arch
     info = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     per_block, conv1d = EXPECTED[arch]
-    assert len(info["layers"]) == 2 * per_block  # the architecture's default targets (sorsa/targets.py)
+    assert len(info["layers"]) == 2 * per_block  # the architecture's default targets (sorsa/core/targets.py)
     assert info["config"]["target_modules"] == DEFAULT_TARGETS[config.model_type]
     ids = torch.randint(4, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()

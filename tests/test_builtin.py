@@ -1,4 +1,4 @@
-"""Tests of sorsa/builtin.py: the tokenizer is lossless on the data and the templates, the
+"""Tests of sorsa/tasks/builtin.py: the tokenizer is lossless on the data and the templates, the
 generator and the model are deterministic, the model directory loads with plain transformers,
 and the short pre-training clearly beats the random initialisation."""
 import json
@@ -7,28 +7,9 @@ import re
 import pytest
 import torch
 
-from sorsa import builtin
-from sorsa.builtin import (
-    BUILTIN_DATA,
-    BUILTIN_DATA_EASY,
-    BUILTIN_MODEL,
-    build_model,
-    build_tokenizer,
-    heldout_loss,
-    make_problems,
-    materialize_dataset,
-    materialize_model,
-    pretrain,
-    resolve_builtin,
-)
-from sorsa.data import (
-    CODE_TRAIN_PROMPT,
-    MATH_TRAIN_PROMPT,
-    humaneval_test_prompt,
-    load_train_dataset,
-    math_test_prompt,
-    tokenize_train_dataset,
-)
+from sorsa.tasks import builtin
+from sorsa.tasks.builtin import (BUILTIN_DATA, BUILTIN_DATA_EASY, BUILTIN_MODEL, build_model, build_tokenizer, heldout_loss, make_problems, materialize_dataset, materialize_model, pretrain, resolve_builtin)
+from sorsa.tasks.data import (CODE_TRAIN_PROMPT, MATH_TRAIN_PROMPT, humaneval_test_prompt, load_train_dataset, math_test_prompt, tokenize_train_dataset)
 
 HUMANEVAL_PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b.\n    >>> add(2, 3)\n    5\n    """\n'
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM)
 
-import sorsa.functional as SF
+import sorsa.core.functional as SF
 from sorsa import (SORSAConfig, apply_sorsa, export_lora, load_adapter, merge_and_unload,
                    orthonormal_loss, parameter_summary, save_adapter, sorsa_layers)
 

@@ -1,20 +1,12 @@
-"""Tests of sorsa/data.py: loading training files (and their error messages), the reference's
+"""Tests of sorsa/tasks/data.py: loading training files (and their error messages), the reference's
 tokenization (label masking, BOS/EOS, per-part truncation) and the padding collator."""
 import json
 
 import pytest
 import torch
 
-from sorsa.builtin import build_tokenizer
-from sorsa.data import (
-    IGNORE_INDEX,
-    MATH_TRAIN_PROMPT,
-    CausalLMCollator,
-    DataError,
-    load_train_dataset,
-    pad_collate,
-    tokenize_train_dataset,
-)
+from sorsa.tasks.builtin import build_tokenizer
+from sorsa.tasks.data import (IGNORE_INDEX, MATH_TRAIN_PROMPT, CausalLMCollator, DataError, load_train_dataset, pad_collate, tokenize_train_dataset)
 
 ROWS = [
     {"query": "Tom has 3 apples. He buys 2 more. How many apples does Tom have now?",

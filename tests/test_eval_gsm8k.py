@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import gsm8k
+from sorsa.eval import gsm8k
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import humaneval, sandbox
-from eval.sandbox import SandboxLimits, isolation_layers, run_many, run_python
+from sorsa.eval import humaneval, sandbox
+from sorsa.eval.sandbox import SandboxLimits, isolation_layers, run_many, run_python
 
 EXAMPLES = humaneval.load_examples()
 BY_ID = {ex.id: ex for ex in EXAMPLES}

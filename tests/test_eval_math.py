@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import hendrycks_math as hm
+from sorsa.eval import hendrycks_math as hm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,5 +1,5 @@
 """The evaluation runner (exact accuracy from a fake model, resume without regenerating, atomic outputs),
-`python -m eval.score` as a subprocess, and the generation backends on a tiny random Llama."""
+`python -m sorsa.eval.score` as a subprocess, and the generation backends on a tiny random Llama."""
 import json
 import string
 import subprocess
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import generate as gen
-from eval.runner import MAX_NEW_TOKENS, STOP_STRINGS, evaluate, read_generations
-from sorsa.data import ANSWER_CUE, humaneval_test_prompt, math_test_prompt
+from sorsa.eval import generate as gen
+from sorsa.eval.runner import MAX_NEW_TOKENS, STOP_STRINGS, evaluate, read_generations
+from sorsa.tasks.data import ANSWER_CUE, humaneval_test_prompt, math_test_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_math_and_humaneval_through_the_runner(tmp_path):
                    progress=False)
     assert (res["correct"], res["total"]) == (1, 2)
 
-    from eval.humaneval import load_examples
+    from sorsa.eval.humaneval import load_examples
     problems = {humaneval_test_prompt(ex.question): ex for ex in load_examples()[:3]}
     # A model that returns the whole function in the '''python block the prompt asks for.
     reply = {p: f"Here you go:\n'''python\n{ex.question}{ex.gold}'''\n" for p, ex in problems.items()}
@@ -133,7 +133,7 @@ def test_score_cli(tmp_path):
     gens.write_text("".join(json.dumps(x) + "\n" for x in [
         {"id": 0, "completion": "The answer is: 0"}, {"id": 1, "completion": "so 2 in total"},
         {"id": 3, "completion": "The answer is: 7"}]))
-    cmd = [sys.executable, "-m", "eval.score", "--test-dataset", "gsm-8k", "--generations", str(gens),
+    cmd = [sys.executable, "-m", "sorsa.eval.score", "--test-dataset", "gsm-8k", "--generations", str(gens),
            "--test-file", str(test_file)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-import run
-from sorsa import recipe
-from sorsa.builtin import materialize_dataset
-from sorsa.config import RunConfig
-from sorsa.data import math_validation_examples, split_validation, validation_rows
+from sorsa import cli as run
+from sorsa.train import recipe
+from sorsa.tasks.builtin import materialize_dataset
+from sorsa.train.settings import RunConfig
+from sorsa.tasks.data import math_validation_examples, split_validation, validation_rows
 from sorsa.experiment import count_runs, load_experiment, plan_experiment, run_experiment
-from sorsa.runs import RunDir
+from sorsa.train.runs import RunDir
 
 from test_run import call
 
@@ -39,7 +39,7 @@ def _copy_task(root: Path) -> tuple[Path, Path]:
     number of the question): 96 training rows (MetaMathQA schema) and 24 test rows (GSM-8K schema)."""
     import random
 
-    from sorsa.builtin import ITEMS, NAMES
+    from sorsa.tasks.builtin import ITEMS, NAMES
 
     files = []
     for split, n, seed in (("train", 96, 1), ("test", 24, 2)):
@@ -297,7 +297,7 @@ def _measurement(run: Path, test_file: str) -> tuple[dict, dict]:
 def test_tiny_report_statistics_match_a_recomputation_from_the_run_files(tiny):
     from scipy import stats
 
-    from sorsa.stats import holm, paired_bootstrap
+    from sorsa.tools.stats import holm, paired_bootstrap
 
     tables, spec, exp = tiny["calls"][-1]["tables"], tiny["spec"], tiny["exp"]
     runs = _chosen_runs(tables)
@@ -417,7 +417,8 @@ def test_validation_accuracy_selects_on_greedy_answers_of_the_held_out_rows(tmp_
 def test_find_measurement_knows_every_benchmark_the_spec_accepts(tmp_path, dataset):
     from sorsa.experiment.results import find_measurement
     from sorsa.experiment.spec import TestSet
-    from sorsa.runs import RESULTS, run_dir
+    from sorsa.eval.measurement import RESULTS
+    from sorsa.train.runs import run_dir
 
     train = "glue-sst2" if dataset.startswith("glue") else "metamath"
     cfg = RunConfig(name="r", run_path=str(tmp_path), model="some/model", train_dataset=train)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from sorsa import (SORSAConfig, apply_sorsa, disable_adapter, load_adapter, merge_adapter, merge_and_unload,
                    save_adapter, sorsa_layers, unmerge_adapter)
-from sorsa.adapter_io import read_adapter_config
+from sorsa.core.adapter_io import read_adapter_config
 
 from test_core import RANK, logits, make_model, tokens, train_steps
 
@@ -166,7 +166,7 @@ def test_reference_checkpoint_of_another_base_is_refused(tmp_path):
 
 
 def test_a_converted_reference_run_merges_through_run_py(tmp_path):
-    import run
+    from sorsa import cli as run
     from transformers import AutoModelForCausalLM
 
     base = make_model("llama")
@@ -188,7 +188,7 @@ def test_a_converted_reference_run_merges_through_run_py(tmp_path):
     torch.testing.assert_close(logits(merged_model, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
     assert (tmp_path / "runs" / "ref" / "lora_export" / "adapter_model.safetensors").is_file()
     # --analyze: the converted adapter (its step unknown: step 1) against the base, as the reference's weights give
-    from sorsa.analysis import svd_variation
+    from sorsa.tools.analysis import svd_variation
 
     assert run.main(["-n", "ref", "--run-path", str(tmp_path / "runs"), "--analyze"]) == 0
     with open(tmp_path / "runs" / "ref" / "analysis.csv", newline="") as f:

@@ -10,12 +10,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import run
-from eval.classify import Classifier
-from eval.data_files import Example
-from eval.glue import BENCHMARKS, correlations, f1_binary, matthews_correlation
-from sorsa.data import DataError
-from sorsa.glue import GLUE_TASKS, load_glue_rows
+from sorsa import cli as run
+from sorsa.eval.classify import Classifier
+from sorsa.eval.data_files import Example
+from sorsa.eval.glue import BENCHMARKS, correlations, f1_binary, matthews_correlation
+from sorsa.tasks.data import DataError
+from sorsa.tasks.glue import GLUE_TASKS, load_glue_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a cat dog sat on mat good bad movie film is was not very great awful i liked hated it what who "
@@ -180,9 +180,9 @@ def test_modules_to_save_are_trained_saved_and_restored(encoders, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from sorsa import load_adapter, save_adapter
-    from sorsa.adapter_io import restore_trained_factors
-    from sorsa.classifier import prepare_classifier
-    from sorsa.config import RunConfig
+    from sorsa.core.adapter_io import restore_trained_factors
+    from sorsa.methods.classifier import prepare_classifier
+    from sorsa.train.settings import RunConfig
 
     cfg = RunConfig(peft="sorsa", rank=4, train_dataset="glue-sst2", mix_precision=["fp32"],
                     modules_to_save=["roberta.embeddings.LayerNorm"])
@@ -288,7 +288,7 @@ def test_every_glue_config_loads(path):
 
 
 def test_eval_score_scores_a_file_of_glue_predictions(tmp_path, capsys):
-    from eval import score
+    from sorsa.eval import score
 
     rows = [{"sentence1": "a", "sentence2": "b", "label": y} for y in [1, 0, 1, 1, 0, 0]]
     data = _write_rows(tmp_path / "mrpc.jsonl", rows)
@@ -301,7 +301,7 @@ def test_eval_score_scores_a_file_of_glue_predictions(tmp_path, capsys):
 
 def test_a_hub_training_slice_is_loaded_by_the_hub_not_loaded_whole_and_cut(monkeypatch, tmp_path):
     """--split '[:3]' on the hub asks for train[:3] (MNLI's train split has 393k rows); a local file is cut here."""
-    import sorsa.glue as G
+    import sorsa.tasks.glue as G
 
     asked = []
 
@@ -320,8 +320,8 @@ def test_a_hub_training_slice_is_loaded_by_the_hub_not_loaded_whole_and_cut(monk
 def test_glue_table_shows_the_whole_validation_split_as_the_other_tables_do(tmp_path):
     """A run first scored on a subset file (eval/glue-sst2/) and then on the hub's whole split (eval/glue-sst2-<hash>/):
     the GLUE table shows the whole split's score, as read_accuracy does."""
-    from sorsa.report import glue_table, read_accuracy
-    from sorsa.runs import RunDir
+    from sorsa.tools.report import glue_table, read_accuracy
+    from sorsa.train.runs import RunDir
 
     run = RunDir(tmp_path / "r")
     run.write_records({"peft": "sorsa", "model": "m"})

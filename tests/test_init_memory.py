@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import run
+from sorsa import cli as run
 from sorsa import SORSAConfig, apply_sorsa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_progress_bar_shows_the_eta(capsys):
 
 
 def test_second_start_skips_the_svd_through_the_cache(tmp_path, builtin_model_dir, monkeypatch):
-    from sorsa import functional as SF
+    from sorsa.core import functional as SF
 
     from tests.test_run import _train_argv
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import run
-from eval import mbpp, score
-from eval.benchmarks import STOP_STRINGS, default_max_new_tokens, get_benchmark
+from sorsa import cli as run
+from sorsa.eval import mbpp, score
+from sorsa.eval.benchmarks import STOP_STRINGS, default_max_new_tokens, get_benchmark
 
 # In the hub's schema and style (\r\n line ends and tabs in `code`, as the dataset has them).
 PROBLEMS = [

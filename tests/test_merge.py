@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import run
+from sorsa import cli as run
 from sorsa import load_adapter
 
 from test_run import _train_argv

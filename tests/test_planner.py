@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig
 
-import run
-from sorsa.targets import LLAMA_TARGETS, RWKV_TARGETS
-from sorsa.planner import (INITIAL_FACTORS, MODELS_DIR, PAPER_PARAMS, STORED_CONFIGS, plan_run,
-                           read_deepspeed_config)
+from sorsa import cli as run
+from sorsa.core.targets import LLAMA_TARGETS, RWKV_TARGETS
+from sorsa.tools.planner import (INITIAL_FACTORS, MODELS_DIR, PAPER_PARAMS, STORED_CONFIGS, plan_run, read_deepspeed_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import sorsa.functional as SF
+import sorsa.core.functional as SF
 from sorsa import SORSAConfig, apply_sorsa, load_adapter, merge_and_unload, save_adapter, sorsa_layers
-from sorsa.synthetic import llm_like_weight
+from sorsa.tools.synthetic import llm_like_weight
 
 from test_core import RANK, logits, make_model, tokens, train_steps
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized tests need bitsandbytes (pip install -e '.[quant]')")
-from sorsa.quant import QuantSpec, dequantize_linear, is_quantized, packed_state, quantizer  # noqa: E402
+from sorsa.core.quant import QuantSpec, dequantize_linear, is_quantized, packed_state, quantizer
 
 
 def nuclear(E: torch.Tensor) -> float:
@@ -158,7 +158,7 @@ def test_bad_quantization_settings_are_clear_errors(monkeypatch):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "quantized").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_quantized_configs_load(path):
-    import run
+    from sorsa import cli as run
 
     text = path.read_text()
     assert text.startswith("#") and "Launch:" in text and "Effective batch" in text and "Reproduces:" in text
@@ -171,7 +171,7 @@ def test_quantized_configs_load(path):
 
 
 def test_dry_run_of_llama3_70b_qsorsa_fits_one_80gb_gpu():
-    from sorsa.planner import plan_run, quant_bytes_per_weight
+    from sorsa.tools.planner import plan_run, quant_bytes_per_weight
 
     plan = plan_run("meta-llama/Meta-Llama-3-70B", method="sorsa", rank=128, quantize="nf4", batch_size=1,
                     accum_steps=128, length=512, precision="bf16", grad_cp=True)
@@ -186,7 +186,7 @@ def test_quant_error_command_orders_the_initialisations(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "sorsa.quant_error", "--synthetic", "192x128", "128x192", "-r", "8",
+    out = subprocess.run([sys.executable, "-m", "sorsa.tools.quant_error", "--synthetic", "192x128", "128x192", "-r", "8",
                           "--quant-iters", "5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
@@ -203,7 +203,7 @@ def test_quant_error_command_orders_the_initialisations(tmp_path):
 def test_quant_error_of_a_checkpoint_follows_the_target_rule_and_one_run_of_rounds(builtin_model_dir):
     """`--model DIR`: the layers are those training adapts (the defaults; all-linear: every linear layer but the
     head), and T = 1 taken from the first round of T = 3 equals a separate T = 1 initialisation."""
-    from sorsa.quant_error import layer_errors, model_weights
+    from sorsa.tools.quant_error import layer_errors, model_weights
 
     defaults = [name for name, _ in model_weights(str(builtin_model_dir), None)]
     every = [name for name, _ in model_weights(str(builtin_model_dir), ["all-linear"])]

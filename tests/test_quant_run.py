@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import run
+from sorsa import cli as run
 
 from test_init_memory import _clear_refs_works
 from test_run import _train_argv, call
@@ -45,8 +45,8 @@ def test_quantized_method_trains_resumes_exactly_and_merges(tmp_path, builtin_mo
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
     # the merged checkpoint (plain transformers, float32 here) equals the quantized adapter model
     cfg = run.resolve_config(["--name", "a", "--merge", "--run-path", str(tmp_path / "runs")])
-    from sorsa.recipe import _quantized_model
-    from sorsa.runs import RunDir
+    from sorsa.train.recipe import _quantized_model
+    from sorsa.train.runs import RunDir
 
     quantized = _quantized_model(cfg, RunDir(run_a)).eval()
     merged = AutoModelForCausalLM.from_pretrained(run_a / "merged").eval()
@@ -71,8 +71,9 @@ def test_quantize_refuses_what_it_cannot_do(tmp_path, capsys, builtin_model_dir)
 
 def test_quantized_targets_follow_the_matching_rule(builtin_model_dir):
     from sorsa import SORSAConfig, sorsa_layers
-    from sorsa.quant import is_quantized
-    from sorsa.quant_model import load_qpeft, load_qsorsa, stream_quantized
+    from sorsa.core.quant import is_quantized
+    from sorsa.methods.peft_lora import load_qpeft
+    from sorsa.core.quant_model import load_qsorsa, stream_quantized
 
     cfg = SORSAConfig(rank=4, quantize="nf4", compute_dtype=torch.float32)
     model = load_qsorsa(builtin_model_dir, cfg, "all-linear", progress=False)  # every linear layer but the head
@@ -90,7 +91,7 @@ PROBE = r"""
 import gc, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from sorsa import SORSAConfig
-from sorsa.quant_model import load_qsorsa
+from sorsa.core.quant_model import load_qsorsa
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -11,9 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import run
-from sorsa.targets import LLAMA_TARGETS
-from sorsa.config import RunConfig
+from sorsa import cli as run
+from sorsa.core.targets import LLAMA_TARGETS
+from sorsa.train.settings import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_FLAGS = ["--seed", "-p", "--peft", "--model", "--tokenizer", "-n", "--name", "-r", "--rank", "-l", "--length",
@@ -104,7 +104,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, builtin_model_dir):
 def test_yaml_numbers_without_a_dot_are_read_as_numbers():
     import yaml
 
-    from sorsa.config import RunConfig
+    from sorsa.train.settings import RunConfig
 
     values = yaml.safe_load("lr: 3e-5\nmax_steps: 1e2\n")
     assert values == {"lr": "3e-5", "max_steps": "1e2"}  # YAML 1.1 (PyYAML): strings
@@ -126,7 +126,7 @@ def test_unreachable_hub_model_is_one_line_without_traceback(tmp_path):
 def _train_argv(tmp_path, model_dir, name, *extra):
     data = tmp_path / "train.jsonl"
     if not data.exists():
-        from sorsa.builtin import materialize_dataset
+        from sorsa.tasks.builtin import materialize_dataset
         train_file, _ = materialize_dataset(tmp_path / "data", n_train=64, n_test=8, seed=0)
         shutil.copy(train_file, data)
     return ["--name", name, "--train", "--model", str(model_dir), "--train-file", str(data), "--split", "[:48]",
@@ -201,7 +201,7 @@ def test_paper_configs_use_the_reference_loss_normalisation(path):
 def test_validation_loss_reads_the_merged_model_when_there_is_one(tmp_path, builtin_model_dir, monkeypatch):
     """The validation loss of a trained run is the same whether the adapter is folded in memory or read from
     RUN/merged (which --merge wrote), so an experiment's final runs do not load and merge the base twice."""
-    from sorsa import recipe
+    from sorsa.train import recipe
 
     argv = _train_argv(tmp_path, builtin_model_dir, "v", "--max-steps", "3", "--val-size", "8")
     assert run.main(argv) == 0

@@ -10,15 +10,15 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import run  # noqa: E402
-from sorsa.targets import RWKV_TARGETS  # noqa: E402
+from sorsa import cli as run  # noqa: E402
+from sorsa.core.targets import RWKV_TARGETS
 from sorsa import SORSAConfig, apply_sorsa, sorsa_layers  # noqa: E402
-from sorsa.rwkv6 import RWKV6Config, RWKV6ForCausalLM, load_rwkv6  # noqa: E402
+from sorsa.rwkv6 import RWKV6Config, RWKV6ForCausalLM, load_rwkv6, load_rwkv_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def rwkv_model_dir(tmp_path_factory):
-    from sorsa.builtin import materialize_model
+    from sorsa.tasks.builtin import materialize_model
 
     return materialize_model(tmp_path_factory.mktemp("rwkv") / "tiny-rwkv6", pretrain_steps=0, progress=False,
                              arch="rwkv6")
@@ -41,7 +41,7 @@ def test_sorsa_on_rwkv6_targets_the_eight_layers_and_keeps_the_output():
 
 def test_rwkv_train_merge_pth_matches_rwkv_package_and_tests(tmp_path, rwkv_model_dir):
     rwkv_model = pytest.importorskip("rwkv.model")
-    argv = ["--config", str(Path(run.__file__).parent / "configs" / "quickstart_rwkv.yaml"),
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart_rwkv.yaml"),
             "--model", str(rwkv_model_dir), "--run-path", str(tmp_path / "runs"), "--cache-path", str(tmp_path / "c"),
             "--max-steps", "6", "--limit", "4", "--max-new-tokens", "24", "--lr", "5e-3"]
     assert run.main(argv) == 0
@@ -59,4 +59,26 @@ def test_rwkv_train_merge_pth_matches_rwkv_package_and_tests(tmp_path, rwkv_mode
     results = json.loads((run_dir / "eval" / "gsm-8k" / "results.json").read_text())
     assert results["total"] == 4 and results["settings"]["backend"] == "rwkv"
     rows = [json.loads(line) for line in (run_dir / "eval" / "gsm-8k" / "generations.jsonl").read_text().splitlines()]
-    assert all(r["completion"].strip() for r in rows)  # the recurrent generator produced text
+    # The recurrent generator's completions are the merged model's greedy continuations, token by token, as its
+    # parallel forward gives them (an empty completion is a first token that is EOS: checked, not assumed away).
+    tokenizer = load_rwkv_tokenizer(merged_dir)
+    for row in rows:
+        assert row["completion"] == greedy_by_parallel_forward(merged, tokenizer, row["prompt"], 24)
+
+
+def greedy_by_parallel_forward(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding by re-running the whole sequence through the parallel forward at every step, stopping at
+    EOS or GSM-8K's stop string as the generation backend does."""
+    from sorsa.eval.benchmarks import STOP_STRINGS
+    from sorsa.eval.generate import truncate_at_stop
+
+    stop, ids, new = STOP_STRINGS["gsm-8k"], tokenizer(prompt)["input_ids"], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            if any(s in tokenizer.decode(new[-32:]) for s in stop):
+                break
+    return truncate_at_stop(tokenizer.decode(new), stop)

@@ -1,11 +1,11 @@
-"""sorsa/stats.py against values computed by hand: t intervals, McNemar's exact p, Holm's correction, and the
+"""sorsa/tools/stats.py against values computed by hand: t intervals, McNemar's exact p, Holm's correction, and the
 paired bootstrap against the exact distribution of small cases enumerated here."""
 import itertools
 import math
 
 import pytest
 
-from sorsa.stats import holm, mcnemar_exact, mean_ci, paired_bootstrap
+from sorsa.tools.stats import holm, mcnemar_exact, mean_ci, paired_bootstrap
 
 
 def test_mean_ci_is_the_student_t_interval():

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import sorsa.functional as SF
+import sorsa.core.functional as SF
 from sorsa import SORSAConfig, apply_sorsa, sorsa_layers
-from sorsa.synthetic import llm_like_weight
+from sorsa.tools.synthetic import llm_like_weight
 
 from test_core import RANK, logits, make_model, tokens
 
@@ -109,7 +109,7 @@ def test_initial_factors_stay_in_cpu_memory_when_the_model_moves():
 def test_pissa_from_the_fast_svd_equals_peft_pissa():
     from peft.tuners.lora import LoraLayer
 
-    from sorsa.baselines import apply_peft_baseline
+    from sorsa.methods.peft_lora import apply_peft_baseline
 
     ids = tokens()
     before = logits(make_model("llama"), ids)

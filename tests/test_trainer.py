@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
 
 from sorsa import SORSAConfig, apply_sorsa, sorsa_layers
-from sorsa.trainer import SORSATrainer, SORSATrainingArguments, regularizer_coefficient
+from sorsa.train.trainer import SORSATrainer, SORSATrainingArguments, regularizer_coefficient
 
 VOCAB = 64
 

@@ -3,7 +3,7 @@ scored on in- and out-of-domain tests, and reported with confidence intervals, p
 learning-rate sensitivity, training curves and the forgetting matrix (README, "Experiments").
 
     python run.py --experiment configs/experiments/mini.yaml [--max-parallel N] [--dry-run]
-    python -m sorsa.experiment configs/experiments/mini.yaml           # the same command line
+    sorsa-run --experiment configs/experiments/mini.yaml               # the same, where the package is installed
 
     from sorsa.experiment import run_experiment
     result = run_experiment("configs/experiments/mini.yaml")   # RUN_PATH/NAME/report.md, report.csv, *.png
@@ -11,6 +11,7 @@ learning-rate sensitivity, training curves and the forgetting matrix (README, "E
 from .plan import count_runs, plan_experiment
 from .runner import run_experiment
 from .spec import Experiment, TestSet, load_experiment
+from ..core.errors import UserError
 
 __all__ = ["Experiment", "TestSet", "count_runs", "experiment_job", "load_experiment", "plan_experiment",
            "run_experiment"]
@@ -20,7 +21,7 @@ def experiment_job(path: str, overrides: dict, dry_run: bool = False, max_parall
                    gpus: int = 1) -> dict:
     """run.py's --experiment: the plan with `dry_run`, else the experiment itself."""
     if max_parallel is not None and max_parallel < 1:
-        raise ValueError(f"--max-parallel {max_parallel}: give a number of runs >= 1")
+        raise UserError(f"--max-parallel {max_parallel}: give a number of runs >= 1")
     if dry_run:
         return plan_experiment(load_experiment(path, overrides), gpus)
     return run_experiment(path, overrides, max_parallel)

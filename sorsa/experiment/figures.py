@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..methods import METHODS
 from .results import selection_values
 from .spec import Experiment, combo_text
 
-METHOD_COLORS = {"sorsa": "tab:red", "pissa": "tab:blue", "lora": "tab:green", "full": "tab:gray"}
 FILES = {"selection": "lr_sensitivity.png", "curves": "training_curves.png", "accuracy": "accuracy.png",
          "forgetting": "forgetting.png", "summary": "summary.png"}
 
@@ -19,7 +19,7 @@ def arm_colors(arms) -> dict:
     """One colour per arm: the method's when each method has one arm, else the default cycle."""
     arms = list(arms)
     if len({a.method for a in arms}) == len(arms):
-        return {a: METHOD_COLORS.get(a.method, f"C{i}") for i, a in enumerate(arms)}
+        return {a: METHODS[a.method].color if a.method in METHODS else f"C{i}" for i, a in enumerate(arms)}
     return {a: f"C{i % 10}" for i, a in enumerate(arms)}
 
 
@@ -140,7 +140,7 @@ def draw_forgetting(ax, exp: Experiment, matrix: list[dict]) -> None:
 
 def draw_figures(exp: Experiment, data: dict, summary: list[dict], matrix: list[dict], folder: Path) -> dict:
     """Write each figure and summary.png (all four panels) into `folder`; returns {key: path}."""
-    from ..analysis import pyplot
+    from ..tools.plotting import pyplot
 
     plt = pyplot()
     panels = {"selection": lambda ax: draw_selection(ax, exp, data), "curves": lambda ax: draw_curves(ax, exp, data),

@@ -119,7 +119,7 @@ def _analysis(exp: Experiment, data: dict) -> list[str]:
         return []
     which = f"the top {exp.analyze_top_k} singular triplets" if exp.analyze_top_k else "all singular triplets"
     lines = ["## SVD variation of the trained weights", "",
-             f"`sorsa.analysis` on each final run's last checkpoint against the base model, over {which}: "
+             f"`sorsa.tools.analysis` on each final run's last checkpoint against the base model, over {which}: "
              "ΔΣ = mean |σ_t − σ_0|, ΔD = 1 − mean (|⟨u_t,u_0⟩| + |⟨v_t,v_0⟩|)/2, mean over the adapted layers, "
              "mean ± sd over seeds.", "", "| Method | ΔΣ | ΔD |", "|---|---|---|"]
     for arm, runs in data["arms"].items():

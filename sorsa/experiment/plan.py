@@ -1,20 +1,21 @@
 """An experiment's --dry-run: how many runs, trainings and test measurements it holds, and an estimate of its
-training GPU-hours from the planner (sorsa/planner.py: parameter counts from the model built on the meta
+training GPU-hours from the planner (sorsa/tools/planner.py: parameter counts from the model built on the meta
 device, FLOPs per token), without reading any weight or training anything.
 """
 from __future__ import annotations
 
 import re
 
-from ..config import RunConfig
+from ..train.settings import RunConfig
 from .spec import Experiment
+from ..core.errors import UserError
 
 
 def train_examples(exp: Experiment, cfg: RunConfig) -> int:
     """Training rows of a run (after the validation hold-out): plan.train_examples, else the rows of a local
     training file, else the absolute end of --split ('[:100000]')."""
-    from ..data import load_train_dataset, validation_rows
-    from ..loading import resolve_data_file
+    from ..tasks.data import load_train_dataset, validation_rows
+    from ..train.loading import resolve_data_file
 
     if exp.plan.get("train_examples"):
         n = int(exp.plan["train_examples"])
@@ -24,7 +25,7 @@ def train_examples(exp: Experiment, cfg: RunConfig) -> int:
     else:
         match = re.fullmatch(r"(?:train)?\[\s*:\s*(\d+)\s*\]", (cfg.split or "").replace(" ", ""))
         if not match:
-            raise ValueError(f"{exp.source}: cannot tell how many rows the split {cfg.split!r} of {cfg.train_dataset} "
+            raise UserError(f"{exp.source}: cannot tell how many rows the split {cfg.split!r} of {cfg.train_dataset} "
                              "holds without downloading it; set plan.train_examples in the experiment file")
         n = int(match.group(1))
     return n - len(validation_rows(n, cfg.val_size)) if cfg.val_size else n
@@ -52,8 +53,7 @@ def count_runs(exp: Experiment) -> dict:
 
 def plan_experiment(exp: Experiment, gpus: int = 1) -> dict:
     """The numbers of `count_runs` and the training GPU-hours per arm and in total; prints them."""
-    from .. import recipe
-    from ..planner import A100_BF16_TFLOPS, DEFAULT_UTILIZATION, training_gpu_hours
+    from ..tools.planner import A100_BF16_TFLOPS, DEFAULT_UTILIZATION, plan_of, training_gpu_hours
 
     counts = count_runs(exp)
     tflops = float(exp.plan.get("gpu_tflops", A100_BF16_TFLOPS))
@@ -72,7 +72,7 @@ def plan_experiment(exp: Experiment, gpus: int = 1) -> dict:
         cfg = exp.spec(arm, arm.combos[0], exp.seeds[0]).config
         tokens, upper = run_tokens(exp, cfg, gpus)
         bound |= upper
-        plan = recipe.plan_of(cfg, gpus)
+        plan = plan_of(cfg, gpus)
         trainings = len(exp.seeds)
         if exp.tuned_keys:  # every tuned setting on the selection seeds, then the other seeds of the chosen one
             trainings = len(arm.combos) * len(exp.select_seeds) + len(set(exp.seeds) - set(exp.select_seeds))
@@ -83,7 +83,7 @@ def plan_experiment(exp: Experiment, gpus: int = 1) -> dict:
                      f"{trainings} trainings x {hours:.2f} GPU-h")
     lines += [f"  total: {total:.1f} GPU-hours of training",
               f"  assumptions: {tflops:g} TFLOP/s peak (A100 bf16 by default) at {100 * utilization:.0f} % "
-              "utilization; 6N-style FLOPs per token (sorsa.planner.training_flops_per_token); "
+              "utilization; 6N-style FLOPs per token (sorsa.tools.planner.training_flops_per_token); "
               + ("every sequence at the 2 x length upper bound (set plan.tokens_per_example)" if bound
                  else f"{exp.plan['tokens_per_example']} tokens per example (plan.tokens_per_example)")
               + "; generation for validation and tests is not included"]

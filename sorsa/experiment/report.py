@@ -11,9 +11,9 @@ import os
 import platform
 from pathlib import Path
 
-from ..fileio import atomic_write_text
-from ..runs import package_versions
-from ..stats import holm, mcnemar_exact, mean_ci, paired_bootstrap
+from ..core.fileio import atomic_write_text
+from ..core.records import package_versions
+from ..tools.stats import holm, mcnemar_exact, mean_ci, paired_bootstrap
 from .results import collect
 from .spec import Experiment, combo_text, show
 

@@ -7,17 +7,20 @@ import json
 import math
 import statistics
 
-from ..config import RunConfig
-from ..fileio import parse_json_lines
-from ..runs import GENERATIONS, RunDir, run_dir, settings_hash
+from ..train.settings import RunConfig
+from ..core.fileio import parse_json_lines
+from ..eval.measurement import GENERATIONS
+from ..train.runs import RunDir, run_dir
+from ..core.records import settings_hash
 from .spec import METRICS, Arm, Experiment, TestSet
+from ..core.errors import UserError
 
 
 def find_measurement(cfg: RunConfig, test: TestSet, trained: bool = True) -> dict | None:
     """The results.json (with "eval_dir" added) of `test` on the run of `cfg`, measured with the settings the
     experiment uses: its merged model when `trained`, else cfg.model scored as it is. None when not measured."""
-    from ..loading import resolve_data_file, resolve_model_name
-    from ..recipe import measurement_settings
+    from ..train.loading import resolve_data_file, resolve_model_name
+    from ..train.recipe import measurement_settings
 
     run = run_dir(cfg.run_path, cfg.name)
     model = str(run.merged_dir) if trained else resolve_model_name(cfg.model, cfg.cache_path, cfg.run_path)
@@ -39,7 +42,7 @@ def item_verdicts(run: RunDir, result: dict) -> dict:
     rows = [r for _, r in parse_json_lines(path.read_text(encoding="utf-8"), str(path))][:result["total"]]
     verdicts = {str(r["id"]): bool(r["correct"]) for r in rows}
     if len(verdicts) != result["total"] or sum(verdicts.values()) != result["correct"]:
-        raise ValueError(f"{path} does not match the scores of its measurement ({sum(verdicts.values())}/"
+        raise UserError(f"{path} does not match the scores of its measurement ({sum(verdicts.values())}/"
                          f"{len(verdicts)} vs {result['correct']}/{result['total']}); score the run again")
     return verdicts
 
@@ -144,7 +147,7 @@ def run_outcome(exp: Experiment, cfg: RunConfig, trained: bool = True) -> dict:
 
 def _analysis_last_step(run: RunDir) -> tuple[float, float] | None:
     """(ΔΣ, ΔD) at the last analysed step, mean over the adapted layers, from RUN/analysis.csv."""
-    from ..analysis import CSV_NAME, read_csv, step_means
+    from ..tools.analysis import CSV_NAME, read_csv, step_means
 
     path = run.path / CSV_NAME
     if not path.is_file():

@@ -16,11 +16,13 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig
-from ..fileio import atomic_write_text, jsonl_text
-from ..runs import RunDir, run_dir, settings_hash
+from ..train.settings import RunConfig
+from ..core.fileio import atomic_write_text, jsonl_text
+from ..train.runs import RunDir, run_dir
+from ..core.records import settings_hash
 from .results import choose, find_measurement, record_matches, selection_table, training_identity
 from .spec import Experiment, TestSet, load_experiment
+from ..core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def _do(job: Job) -> bool:
 def ensure_trained(cfg: RunConfig) -> bool:
     """Train the run unless its completion marker matches its settings; resumes from its checkpoints when they
     come from the same settings, else starts over. Returns whether it trained."""
-    from .. import recipe
+    from ..train import recipe
 
     run = run_dir(cfg.run_path, cfg.name)
     settings = cfg.training_settings()
@@ -112,7 +114,7 @@ def _saved_settings_hash(run: RunDir) -> str | None:
 def ensure_validated(job: Job) -> None:
     """Write the run's validation record (metric, value, the settings hash and the training it belongs to)
     unless it is there for this very training (a run retrained with the same settings gets a new record)."""
-    from .. import recipe
+    from ..train import recipe
 
     cfg = job.config
     path = Path(job.validation_record)
@@ -132,7 +134,7 @@ def ensure_validated(job: Job) -> None:
 
 def ensure_scored(cfg: RunConfig, test: TestSet, trained: bool) -> dict:
     """The run's measurement on `test` (merging first when needed), or the one already made."""
-    from .. import recipe
+    from ..train import recipe
 
     found = find_measurement(cfg, test, trained)
     if found is not None:
@@ -144,7 +146,7 @@ def ensure_scored(cfg: RunConfig, test: TestSet, trained: bool) -> dict:
 
 def ensure_analyzed(cfg: RunConfig, top_k: int | None) -> None:
     """The SVD variation analysis of the run's checkpoints (RUN/analysis.csv), unless newer than its training."""
-    from ..analysis import CSV_NAME, analyze_run
+    from ..tools.analysis import CSV_NAME, analyze_run
 
     run = run_dir(cfg.run_path, cfg.name)
     csv = run.path / CSV_NAME
@@ -282,8 +284,8 @@ def _base_jobs(exp: Experiment) -> list[Job]:
 def validation_files(exp: Experiment) -> dict:
     """run name -> the GSM-8K-schema file of its validation rows (written once per training set), for
     validation accuracy; {} for other metrics."""
-    from ..data import math_validation_examples
-    from ..recipe import training_rows
+    from ..tasks.data import math_validation_examples
+    from ..train.recipe import training_rows
 
     if exp.metric != "val_accuracy":
         return {}
@@ -301,20 +303,20 @@ def validation_files(exp: Experiment) -> dict:
 
 def check_inputs(exp: Experiment) -> None:
     """The base models and local data files exist; else one error line that names the preparation command."""
-    from ..loading import resolve_model_name
+    from ..train.loading import resolve_model_name
 
     hint = f"; build this experiment's inputs first: {exp.prepare}" if exp.prepare else ""
     files = {t.file for t in exp.tests}
     for _, cfg in exp.base_models():
         try:
             resolve_model_name(cfg.model, cfg.cache_path, cfg.run_path)
-        except ValueError as err:
-            raise ValueError(f"{exp.source}: {err}{hint}") from None
+        except UserError as err:
+            raise UserError(f"{exp.source}: {err}{hint}") from None
     for arm in exp.arms:
         files.add(exp.spec(arm, arm.combos[0], exp.seeds[0]).config.train_file)
     missing = sorted(f for f in files if f and not f.startswith("builtin:") and not Path(f).expanduser().exists())
     if missing:
-        raise ValueError(f"{exp.source}: data file {missing[0]} does not exist{hint}")
+        raise UserError(f"{exp.source}: data file {missing[0]} does not exist{hint}")
 
 
 def run_experiment(path: str, overrides: dict | None = None, max_parallel: int | None = None,

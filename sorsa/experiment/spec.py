@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import METHOD_LABELS, PEFT_METHODS, TEST_DATASETS, RunConfig, load_yaml
+from ..methods import METHODS, method_label
+from ..train.settings import TEST_DATASETS, RunConfig, load_yaml
+from ..core.errors import UserError
 
 KEYS = ("name", "description", "prepare", "base", "grid", "select", "test", "analyze", "stats", "plan",
         "max_parallel", "keep_merged")
@@ -48,7 +50,7 @@ class Arm:
 
     @property
     def label(self) -> str:
-        name = METHOD_LABELS.get(self.method, self.method)
+        name = method_label(self.method)
         return name + (f" ({', '.join(f'{k}={show(v)}' for k, v in self.fixed)})" if self.fixed else "")
 
 
@@ -113,7 +115,7 @@ class Experiment:
         """The run of `arm` with the tuned values `combo` and `seed` (the same object for the same point)."""
         key = (arm, combo, seed)
         if key not in self._specs:
-            from .. import recipe
+            from ..train import recipe
 
             point = {k: list(v) if isinstance(v, tuple) else v for k, v in (*arm.fixed, *combo)}
             point.update(peft=arm.method, seed=seed)
@@ -121,8 +123,8 @@ class Experiment:
                       "train": True}
             try:
                 cfg = recipe.resolve_config(values, self.base_file, require_action=False)
-            except ValueError as err:
-                raise ValueError(f"{self.source}: the run {values['name']}: {err}") from None
+            except UserError as err:
+                raise UserError(f"{self.source}: the run {values['name']}: {err}") from None
             self._specs[key] = RunSpec(arm, combo, seed, cfg)
         return self._specs[key]
 
@@ -187,16 +189,16 @@ def show(value, slug: bool = False) -> str:
 
 def _check_keys(mapping, known, where: str) -> dict:
     if not isinstance(mapping, dict):
-        raise ValueError(f"{where} must be a mapping, not {type(mapping).__name__}")
+        raise UserError(f"{where} must be a mapping, not {type(mapping).__name__}")
     unknown = sorted(set(mapping) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are: {', '.join(known)}")
+        raise UserError(f"{where}: unknown key(s) {unknown}; known keys are: {', '.join(known)}")
     return mapping
 
 
 def _base(raw, source: str, overrides: dict) -> tuple[str | None, dict, RunConfig]:
     """(base config file, inline values with the flags on top, the resolved base RunConfig)."""
-    from .. import recipe
+    from ..train import recipe
 
     if raw is None or isinstance(raw, str):
         raw = {"config": raw} if raw else {}
@@ -214,19 +216,19 @@ def _grid(raw, source: str, base: RunConfig) -> tuple[dict, list]:
     training = base.training_settings()
     for key, values in grid.items():
         if key not in training:
-            raise ValueError(f"{source}: grid key {key!r} does not change training; list test sets under `test` "
+            raise UserError(f"{source}: grid key {key!r} does not change training; list test sets under `test` "
                              "and give other settings in `base`")
         lists = values.values() if isinstance(values, dict) else [values]
         if key == "peft" and isinstance(values, dict) or not all(isinstance(v, list) and v for v in lists):
-            raise ValueError(f"{source}: grid.{key} must be a non-empty list of values" +
+            raise UserError(f"{source}: grid.{key} must be a non-empty list of values" +
                              ("" if key == "peft" else ", or a mapping method -> list"))
     methods = grid.get("peft", [base.peft])
-    bad = [m for m in methods if m not in PEFT_METHODS]
+    bad = [m for m in methods if m not in METHODS]
     if bad or len(set(methods)) != len(methods):
-        raise ValueError(f"{source}: grid.peft {methods} must list distinct methods of {list(PEFT_METHODS)}")
+        raise UserError(f"{source}: grid.peft {methods} must list distinct methods of {list(METHODS)}")
     for key, values in grid.items():
         if isinstance(values, dict) and set(values) != set(methods):
-            raise ValueError(f"{source}: grid.{key} gives values for {sorted(values)}, but the methods are "
+            raise UserError(f"{source}: grid.{key} gives values for {sorted(values)}, but the methods are "
                              f"{methods}; give a list for every method")
     return grid, methods
 
@@ -244,16 +246,16 @@ def _select(raw, source: str, grid: dict, base: RunConfig) -> tuple[list, str | 
     _check_keys(raw, SELECT_KEYS, f"{source}: select")
     keys = raw.get("keys")
     if not isinstance(keys, list) or not keys or any(k not in grid or k in ("peft", "seed") for k in keys):
-        raise ValueError(f"{source}: select.keys must list grid keys to tune (not peft or seed), got {keys!r}")
+        raise UserError(f"{source}: select.keys must list grid keys to tune (not peft or seed), got {keys!r}")
     metric = raw.get("metric", "val_loss")
     if metric not in METRICS:
-        raise ValueError(f"{source}: select.metric {metric!r} is unknown; use one of {list(METRICS)}")
+        raise UserError(f"{source}: select.metric {metric!r} is unknown; use one of {list(METRICS)}")
     if not base.val_size:
-        raise ValueError(f"{source}: select needs a validation split carved from the training data; set val_size "
+        raise UserError(f"{source}: select needs a validation split carved from the training data; set val_size "
                          "in base (rows, or a fraction < 1)")
     seeds = raw.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
-        raise ValueError(f"{source}: select.seeds must be a list of integers, got {seeds!r}")
+        raise UserError(f"{source}: select.seeds must be a list of integers, got {seeds!r}")
     return keys, metric, seeds
 
 
@@ -261,17 +263,17 @@ def _tests(raw, source: str, base: RunConfig) -> list[TestSet]:
     if raw is None:
         return [TestSet(base.test_dataset, base.test_dataset, base.test_file, base.limit)]
     if not isinstance(raw, list) or not raw:
-        raise ValueError(f"{source}: test must be a list of benchmarks or {{name, dataset, file, limit}} mappings")
+        raise UserError(f"{source}: test must be a list of benchmarks or {{name, dataset, file, limit}} mappings")
     tests = []
     for entry in raw:
         entry = {"dataset": entry} if isinstance(entry, str) else _check_keys(entry, TEST_KEYS, f"{source}: test")
         if entry.get("dataset") not in TEST_DATASETS:
-            raise ValueError(f"{source}: test dataset {entry.get('dataset')!r} is unknown; use one of "
+            raise UserError(f"{source}: test dataset {entry.get('dataset')!r} is unknown; use one of "
                              f"{list(TEST_DATASETS)}")
         tests.append(TestSet(str(entry.get("name", entry["dataset"])), entry["dataset"], entry.get("file"),
                              entry.get("limit", base.limit)))
     if len({t.name for t in tests}) != len(tests):
-        raise ValueError(f"{source}: two tests share a name; give each a distinct `name`")
+        raise UserError(f"{source}: two tests share a name; give each a distinct `name`")
     return tests
 
 
@@ -287,21 +289,21 @@ def _options(raw: dict, source: str) -> dict:
     if isinstance(analyze, dict):
         _check_keys(analyze, ANALYZE_KEYS, f"{source}: analyze")
     elif not isinstance(analyze, bool):
-        raise ValueError(f"{source}: analyze must be true, false or {{top_k: K}}")
+        raise UserError(f"{source}: analyze must be true, false or {{top_k: K}}")
     if isinstance(analyze, dict) and not _is_number(analyze.get("top_k", 1), int, 1):
-        raise ValueError(f"{source}: analyze.top_k must be an integer >= 1, got {analyze['top_k']!r}")
+        raise UserError(f"{source}: analyze.top_k must be an integer >= 1, got {analyze['top_k']!r}")
     stats = {**STATS_DEFAULTS, **_check_keys(raw.get("stats") or {}, tuple(STATS_DEFAULTS), f"{source}: stats")}
     if not (_is_number(stats["confidence"], float, 0.5) and stats["confidence"] < 1
             and _is_number(stats["bootstrap"], int, 100) and _is_number(stats["seed"], int, 0)):
-        raise ValueError(f"{source}: stats.confidence must lie in [0.5, 1), stats.bootstrap be an integer >= 100 and "
+        raise UserError(f"{source}: stats.confidence must lie in [0.5, 1), stats.bootstrap be an integer >= 100 and "
                          f"stats.seed an integer >= 0, got {stats}")
     plan = _check_keys(raw.get("plan") or {}, PLAN_KEYS, f"{source}: plan")
     bad = [k for k, v in plan.items() if not _is_number(v, float, 0)]
     if bad:
-        raise ValueError(f"{source}: plan.{bad[0]} must be a positive number, got {plan[bad[0]]!r}")
+        raise UserError(f"{source}: plan.{bad[0]} must be a positive number, got {plan[bad[0]]!r}")
     parallel = raw.get("max_parallel", 1)
     if not isinstance(parallel, int) or parallel < 1:
-        raise ValueError(f"{source}: max_parallel must be an integer >= 1, got {parallel!r}")
+        raise UserError(f"{source}: max_parallel must be an integer >= 1, got {parallel!r}")
     return {"analyze": bool(analyze), "analyze_top_k": analyze.get("top_k") if isinstance(analyze, dict) else None,
             "stats": stats, "plan": plan, "max_parallel": parallel, "keep_merged": bool(raw.get("keep_merged"))}
 
@@ -313,18 +315,18 @@ def load_experiment(path: str, overrides: dict | None = None) -> Experiment:
     raw = _check_keys(load_yaml(path), KEYS, source)
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"{source}: name must be a plain folder name (letters, digits, . _ -), got {name!r}")
+        raise UserError(f"{source}: name must be a plain folder name (letters, digits, . _ -), got {name!r}")
     overrides = dict(overrides or {})
     clash = sorted(set(overrides) & set(raw.get("grid") or {}))
     if clash:
-        raise ValueError(f"{source}: {', '.join('--' + k.replace('_', '-') for k in clash)} is swept by the "
+        raise UserError(f"{source}: {', '.join('--' + k.replace('_', '-') for k in clash)} is swept by the "
                          "experiment's grid; change the grid in the file instead")
     base_file, base_values, base = _base(raw.get("base"), source, overrides)
     grid, methods = _grid(raw.get("grid"), source, base)
     tuned, metric, select_seeds = _select(raw.get("select"), source, grid, base)
     seeds = grid.get("seed", [base.seed])
     if isinstance(seeds, dict) or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(f"{source}: grid.seed must be one list of integers for every method")
+        raise UserError(f"{source}: grid.seed must be one list of integers for every method")
     exp = Experiment(name=name, source=source, base=base, base_file=base_file, base_values=base_values, grid=grid,
                      methods=methods, seeds=seeds, tuned_keys=tuned, metric=metric,
                      select_seeds=select_seeds or seeds, tests=_tests(raw.get("test"), source, base),
@@ -347,8 +349,8 @@ def _check_runs(exp: Experiment) -> None:
     for spec in exp.all_runs():
         other = names.setdefault(spec.name, spec.config)
         if other.training_settings() != spec.config.training_settings():
-            raise ValueError(f"{exp.source}: two different runs would both be named {spec.name!r}; make the grid's "
+            raise UserError(f"{exp.source}: two different runs would both be named {spec.name!r}; make the grid's "
                              "values distinct")
         if exp.metric == "val_accuracy" and spec.config.train_dataset != "metamath":
-            raise ValueError(f"{exp.source}: select.metric val_accuracy reads 'The answer is: N' from math "
+            raise UserError(f"{exp.source}: select.metric val_accuracy reads 'The answer is: N' from math "
                              f"responses; {spec.name} trains on {spec.config.train_dataset!r}: use val_loss")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from ..core.errors import UserError
 
 
 @strict(accept_kwargs=True)
@@ -47,10 +48,10 @@ class RWKV6Config(PreTrainedConfig):
         if self.time_decay_extra_dim is None:
             self.time_decay_extra_dim = 128 if big else 64
         if self.attention_hidden_size % self.head_size:
-            raise ValueError(f"attention_hidden_size={self.attention_hidden_size} is not a multiple of "
+            raise UserError(f"attention_hidden_size={self.attention_hidden_size} is not a multiple of "
                              f"head_size={self.head_size}; pick a head size that divides it")
         if self.wkv_chunk_size < 1:
-            raise ValueError(f"wkv_chunk_size={self.wkv_chunk_size} must be >= 1 (16 is a good default)")
+            raise UserError(f"wkv_chunk_size={self.wkv_chunk_size} must be >= 1 (16 is a good default)")
         super().__post_init__(**kwargs)
 
     @property

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from .configuration import RWKV6Config
+from ..core.errors import MissingFileError, UserError
 
 
 def _official_to_hf_key(key: str) -> str:
@@ -66,17 +67,17 @@ def _hf_to_official_key(key: str) -> str:
 def official_to_hf_state_dict(sd: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Rename an official RWKV6 `.pth` state dict to this module's (= the "-HF") layout, checking that it is one."""
     if not isinstance(sd, dict) or "emb.weight" not in sd:
-        raise ValueError(f"{source} is not an official RWKV checkpoint (no 'emb.weight'); "
+        raise UserError(f"{source} is not an official RWKV checkpoint (no 'emb.weight'); "
                          "for a Hugging Face directory use RWKV6ForCausalLM.from_hf_rwkv6")
     if "_strategy" in sd:
-        raise ValueError(f"{source} was converted by the rwkv package (strategy {sd['_strategy']!r}); "
+        raise UserError(f"{source} was converted by the rwkv package (strategy {sd['_strategy']!r}); "
                          "load the original .pth instead")
     if "blocks.0.att.time_maa_x" not in sd:
         version = "v7" if "blocks.0.att.r_k" in sd else "v4/v5" if "blocks.0.att.time_mix_k" in sd else "unknown"
-        raise ValueError(f"{source} is an RWKV {version} checkpoint, not RWKV6 (x060: blocks.N.att.time_maa_x); "
+        raise UserError(f"{source} is an RWKV {version} checkpoint, not RWKV6 (x060: blocks.N.att.time_maa_x); "
                          "only RWKV6 Finch models are supported")
     if any(k.endswith(".time_state") for k in sd):
-        raise ValueError(f"{source} carries a tuned initial state (time_state), which is not supported; "
+        raise UserError(f"{source} carries a tuned initial state (time_state), which is not supported; "
                          "use the base model's .pth")
     return {_official_to_hf_key(k): v for k, v in sd.items()}
 
@@ -100,7 +101,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> RWKV6Config:
             time_mix_extra_dim=sd[att + "time_maa_w2"].shape[-2],
             time_decay_extra_dim=sd[att + "time_decay_w1"].shape[-1])
     except KeyError as e:
-        raise ValueError(f"not an RWKV6 state dict: missing {e.args[0]!r}") from None
+        raise UserError(f"not an RWKV6 state dict: missing {e.args[0]!r}") from None
 
 
 def load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -108,10 +109,10 @@ def load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     sharded, read with weights_only=True)."""
     from safetensors.torch import load_file
 
-    from ..fileio import checkpoint_files
+    from ..core.fileio import checkpoint_files
 
     if not directory.is_dir():
-        raise FileNotFoundError(f"{str(directory)!r} is not a directory; pass a local RWKV6 -HF model directory")
+        raise MissingFileError(f"{str(directory)!r} is not a directory; pass a local RWKV6 -HF model directory")
     for weights_name, loader in (("model.safetensors", load_file), ("pytorch_model.bin", torch_load_safe)):
         files = checkpoint_files(directory, weights_name)
         if files:
@@ -119,7 +120,7 @@ def load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             for f in files:
                 sd.update(loader(str(f)))
             return sd
-    raise FileNotFoundError(f"{str(directory)!r} has no model.safetensors or pytorch_model.bin (nor a sharded index)")
+    raise MissingFileError(f"{str(directory)!r} has no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
 def torch_load_safe(path: str, hint: str = "") -> dict[str, torch.Tensor]:
@@ -128,7 +129,7 @@ def torch_load_safe(path: str, hint: str = "") -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with non-tensor objects, or not a torch file at all
-        raise ValueError(f"{str(path)!r} is not a plain tensor checkpoint loadable with weights_only=True "
+        raise UserError(f"{str(path)!r} is not a plain tensor checkpoint loadable with weights_only=True "
                          f"({type(e).__name__}), so it is not read{hint}") from None
 
 

@@ -21,6 +21,7 @@ from .configuration import RWKV6Config
 from .convert import (config_from_state_dict, hf_to_official_state_dict, load_hf_weights, official_to_hf_state_dict,
                       torch_load_safe)
 from .wkv import wkv6_chunked, wkv6_recurrent
+from ..core.errors import MissingFileError, UserError
 
 # A recurrent state: one (att_shift (B, C), wkv (B, H, N, N) float32, ffn_shift (B, C)) per layer.
 RWKV6State = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -249,13 +250,13 @@ class RWKV6Model(RWKV6PreTrainedModel):
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
         elif len(state) != len(self.blocks) or state[0][0].shape[0] != B:
-            raise ValueError(f"state has {len(state)} layers of batch {state[0][0].shape[0]}; this model needs "
+            raise UserError(f"state has {len(state)} layers of batch {state[0][0].shape[0]}; this model needs "
                              f"{len(self.blocks)} layers of batch {B} (pass the state this model returned)")
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(x.device)
             if mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}")
+                raise UserError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}")
             if bool(mask.all()):
                 mask = None  # nothing padded: skip the masking work
         new_state = []
@@ -302,7 +303,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         hidden, new_state = self.rwkv(input_ids, attention_mask, state)  # (B, T, C)
         if logits_to_keep:
             if labels is not None:
-                raise ValueError("logits_to_keep > 0 drops positions the loss needs; pass logits_to_keep=0")
+                raise UserError("logits_to_keep > 0 drops positions the loss needs; pass logits_to_keep=0")
             hidden = hidden[:, -logits_to_keep:]
         logits = self.head(hidden)  # (B, T, V)
         loss = None
@@ -336,7 +337,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         """
         prompts = _as_prompt_lists(input_ids, attention_mask)
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate_greedy got an empty prompt; every prompt needs at least one token")
+            raise UserError("generate_greedy got an empty prompt; every prompt needs at least one token")
         eos = set() if eos_token_id is None else (
             {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
         stop_seqs = [list(s) for s in stop] if stop is not None and not callable(stop) else []
@@ -390,14 +391,14 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"not an RWKV6 (x060) state dict for this config: missing {missing[:4]}"
+            raise UserError(f"not an RWKV6 (x060) state dict for this config: missing {missing[:4]}"
                              f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
                              f"{' ...' if len(unexpected) > 4 else ''}")
         tensors = {}
         for name, ref in expected.items():
             t = state_dict.pop(name) if consume else state_dict[name]
             if t.numel() != ref.numel():
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; the inferred config needs {tuple(ref.shape)}")
+                raise UserError(f"{name} has shape {tuple(t.shape)}; the inferred config needs {tuple(ref.shape)}")
             tensors[name] = t.detach().reshape(ref.shape).to(dtype=dtype).contiguous()
         model.load_state_dict(tensors, strict=True, assign=True)
         model.config.dtype = dtype
@@ -409,7 +410,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         from tensor shapes. Read with torch.load(weights_only=True): nothing is unpickled."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"RWKV checkpoint {str(path)!r} does not exist; pass the path of an RWKV6 .pth")
+            raise MissingFileError(f"RWKV checkpoint {str(path)!r} does not exist; pass the path of an RWKV6 .pth")
         sd = torch_load_safe(str(path), "; pass an official RWKV6 .pth")
         sd = official_to_hf_state_dict(sd, source=str(path))  # drops the last reference to the original dict
         return cls.from_state_dict(sd, dtype=dtype, consume=True)
@@ -421,7 +422,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         expected = _expected_hf_keys(self.config)
         if set(sd) != expected:
             odd = sorted(set(sd) ^ expected)[:4]
-            raise ValueError(f"the model has non-RWKV6 parameters ({odd} ...); merge adapters first "
+            raise UserError(f"the model has non-RWKV6 parameters ({odd} ...); merge adapters first "
                              "(sorsa.merge_and_unload) so only plain linear weights remain")
         out = hf_to_official_state_dict({k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in sd.items()})
         path = Path(path)
@@ -446,7 +447,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
         if cfg_file.is_file():
             hf = json.loads(cfg_file.read_text())
             if hf.get("head_size") not in (None, config.head_size):
-                raise ValueError(f"{cfg_file}: head_size={hf['head_size']} but time_faaaa has head size "
+                raise UserError(f"{cfg_file}: head_size={hf['head_size']} but time_faaaa has head size "
                                  f"{config.head_size}; the checkpoint's config.json does not match its weights")
             for key in ("layer_norm_epsilon", "head_size_divisor"):
                 if hf.get(key) is not None:
@@ -457,7 +458,7 @@ class RWKV6ForCausalLM(RWKV6PreTrainedModel):
 def _as_prompt_lists(input_ids, attention_mask) -> list[list[int]]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids tensor must be (B, T), got shape {tuple(input_ids.shape)}")
+            raise UserError(f"input_ids tensor must be (B, T), got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             return input_ids.tolist()
         return [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
@@ -479,7 +480,7 @@ def load_rwkv6(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> R
         return RWKV6ForCausalLM.from_rwkv_checkpoint(path, dtype=dtype)
     if path.is_dir():
         return RWKV6ForCausalLM.from_hf_rwkv6(path, dtype=dtype)
-    raise FileNotFoundError(f"RWKV6 model {str(path)!r} does not exist; pass an official .pth file or a "
+    raise MissingFileError(f"RWKV6 model {str(path)!r} does not exist; pass an official .pth file or a "
                             "directory in the -HF layout")
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from ..core.errors import MissingFileError, UserError
 
 
 VOCAB_FILE = "rwkv_vocab_v20230424.txt"
@@ -18,7 +19,7 @@ VOCAB_FILE = "rwkv_vocab_v20230424.txt"
 def _default_vocab_file() -> Path:
     spec = importlib.util.find_spec("rwkv")  # locate the package's data file without importing rwkv.model
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the RWKV world vocabulary ({VOCAB_FILE}) ships with the `rwkv` package: "
+        raise MissingFileError(f"the RWKV world vocabulary ({VOCAB_FILE}) ships with the `rwkv` package: "
                                 "pip install rwkv, or pass vocab_file=")
     return Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILE
 
@@ -37,7 +38,7 @@ def _read_vocab(path: str) -> tuple[dict[int, bytes], dict]:
             tok = ast.literal_eval(line[first + 1:last])
             tok = tok.encode("utf-8") if isinstance(tok, str) else tok
             if not isinstance(tok, bytes) or len(tok) != int(line[last + 1:]):
-                raise ValueError(f"{path}:{n}: malformed vocabulary line {line[:60]!r}")
+                raise UserError(f"{path}:{n}: malformed vocabulary line {line[:60]!r}")
             id_to_bytes[int(line[:first])] = tok
     trie: dict = {}
     for i, tok in id_to_bytes.items():
@@ -69,7 +70,7 @@ class RWKVWorldTokenizer:
     def __init__(self, vocab_file: str | os.PathLike | None = None, padding_side: str = "right"):
         self.vocab_file = str(vocab_file or _default_vocab_file())
         if not os.path.isfile(self.vocab_file):
-            raise FileNotFoundError(f"RWKV vocabulary {self.vocab_file!r} does not exist")
+            raise MissingFileError(f"RWKV vocabulary {self.vocab_file!r} does not exist")
         self.id_to_bytes, self._trie = _read_vocab(self.vocab_file)
         self.padding_side = padding_side
 
@@ -90,7 +91,7 @@ class RWKVWorldTokenizer:
                 if 256 in node:
                     best, best_end = node[256], j
             if best < 0:  # every single byte is in the vocabulary, so this only happens with a broken file
-                raise ValueError(f"byte {data[i]} at offset {i} has no token in {self.vocab_file}")
+                raise UserError(f"byte {data[i]} at offset {i} has no token in {self.vocab_file}")
             ids.append(best)
             i = best_end
         return ids
@@ -120,7 +121,7 @@ class RWKVWorldTokenizer:
             batch = [ids[:max_length] for ids in batch]
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
-            raise ValueError(f"padding_side={side!r}; use 'left' (generation) or 'right' (training)")
+            raise UserError(f"padding_side={side!r}; use 'left' (generation) or 'right' (training)")
         if padding in (True, "longest", "max_length"):
             width = max_length if padding == "max_length" and max_length else max((len(b) for b in batch), default=0)
             masks = [[1] * len(b) + [0] * (width - len(b)) for b in batch]
@@ -132,7 +133,7 @@ class RWKVWorldTokenizer:
         elif padding in (False, "do_not_pad", None):
             mask = [[1] * len(b) for b in batch]
         else:
-            raise ValueError(f"padding={padding!r}; use False, True/'longest' or 'max_length'")
+            raise UserError(f"padding={padding!r}; use False, True/'longest' or 'max_length'")
         data = {"input_ids": batch, "attention_mask": mask}
         if single:
             data = {k: v[0] for k, v in data.items()}

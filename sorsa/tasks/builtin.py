@@ -19,6 +19,7 @@ from ..core.errors import InTheWayError, UserError
 from ..core.fileio import atomic_write_text, exclusive_lock, jsonl_text, marker_matches, replace_dir
 from .data import (ALPACA_PREFIX, ANSWER_CUE, CODE_TRAIN_PROMPT, HUMANEVAL_TEST_PROMPT, MATH_TEST_PROMPT,
                    MATH_TRAIN_PROMPT, MATH_TRAIN_RESPONSE)
+from .packaged import PACKAGED_MODELS, materialize_packaged
 
 # The paper's test prompt ends "### Response: Let's think step by step."
 COT_CUE = MATH_TEST_PROMPT[len(ALPACA_PREFIX):]
@@ -406,7 +407,8 @@ def _build_model_dir(path: Path, settings: dict, pretrain_steps: int, seed: int,
 def resolve_builtin(name: str, cache_dir, split: str = "train") -> str:
     """The local path behind a "builtin:" name, materialised under `cache_dir/builtin/` on first use.
 
-    `BUILTIN_MODEL` gives the model directory. `BUILTIN_DATA` (level 2, the quickstart's task) and
+    `BUILTIN_MODEL` gives the model directory; a packaged real model (`builtin:smollm2-135m-instruct`) its
+    converted folder. `BUILTIN_DATA` (level 2, the quickstart's task) and
     `BUILTIN_DATA_EASY` (level 1, what the base was pre-trained on: a forgetting check) give the
     `split` file: "train" is MetaMathQA-schema jsonl, "test" GSM-8K-schema jsonl.
     """
@@ -416,11 +418,13 @@ def resolve_builtin(name: str, cache_dir, split: str = "train") -> str:
         return str(materialize_model(root / "tiny-llama"))
     if name == BUILTIN_RWKV_MODEL:
         return str(materialize_model(root / "tiny-rwkv6", pretrain_steps=RWKV_PRETRAIN_STEPS, arch="rwkv6"))
+    if name in PACKAGED_MODELS:  # a real pretrained model shipped in a wheel (sorsa/tasks/packaged.py)
+        return str(materialize_packaged(PACKAGED_MODELS[name], root))
     if name in levels:
         if split not in ("train", "test"):
             raise UserError(f"split for {name} must be 'train' or 'test', got {split!r}")
         train_path, test_path = materialize_dataset(root / name.split(":", 1)[1], level=levels[name])
         return str(train_path if split == "train" else test_path)
-    known = [BUILTIN_MODEL, BUILTIN_RWKV_MODEL, *levels]
+    known = [BUILTIN_MODEL, BUILTIN_RWKV_MODEL, *PACKAGED_MODELS, *levels]
     raise UserError(f"unknown built-in name {name!r}; known: {', '.join(known)}")
 

@@ -189,6 +189,7 @@ class RunDir:
             finally:
                 _HELD[key] -= 1
             return
+        created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         handle = _acquire(self.path / LOCK, self.name, job)
         _HELD[key] = 1
@@ -197,6 +198,9 @@ class RunDir:
         finally:
             del _HELD[key]
             _release(handle)
+            if created and [p.name for p in self.path.iterdir()] == [LOCK]:  # a job refused before writing anything
+                (self.path / LOCK).unlink(missing_ok=True)
+                self.path.rmdir()
 
 
 _HELD: dict[str, int] = {}

@@ -504,3 +504,52 @@ def test_grid_edge_flag_looks_at_each_tuned_key():
     assert not at_grid_edge(single, (("lr", 1e-3), ("rank", 8)))  # a key with one value has no edge
     words = Arm("lora", (), ((("target", "attn"),), (("target", "mlp"),), (("target", "all"),)))
     assert not at_grid_edge(words, (("target", "attn"),))  # values without an order have no edge
+
+
+# ----------------------------------------------------------------------------- forgetting on general text
+
+def test_text_forgetting_matches_a_recomputation_and_is_not_measured_twice(tmp_path, builtin_model_dir, monkeypatch):
+    """forgetting: {text, tokens, length}: the base model's and every final run's mean cross-entropy on the text's
+    first tokens; forgetting_text.csv holds the base value and each arm's mean increase over it, which a
+    recomputation with transformers' own loss reproduces; a rerun measures nothing again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sorsa.tasks.builtin import resolve_builtin
+
+    spec = _tiny_spec(tmp_path, builtin_model_dir)
+    spec.update(grid={"peft": ["sorsa"], "lr": [2e-2], "seed": [1, 2]}, select={"keys": ["lr"], "metric": "val_loss"},
+                test=[spec["test"][0]], forgetting={"text": "builtin:python-docs", "tokens": 256, "length": 64})
+    path = _write(tmp_path / "forget.yaml", spec)
+    run_experiment(str(path), progress=False)
+    exp = load_experiment(str(path))
+    rows = _csv(exp.folder / "forgetting_text.csv")
+    assert [r["row"] for r in rows][1:] == ["SORSA"] and rows[0]["row"].startswith("base model")
+
+    text = Path(resolve_builtin("builtin:python-docs", tmp_path / "cache")).read_text()
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:256]).view(4, 64)
+
+    def loss_of(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():  # transformers' own shifted loss, mean over the 4 x 63 predicted tokens
+            return model(input_ids=ids, labels=ids).loss.item()
+
+    base = loss_of(builtin_model_dir)
+    assert float(rows[0]["cross_entropy"]) == pytest.approx(base, rel=1e-5)
+    per_run = []
+    for s in exp.final_runs({a: a.combos[0] for a in exp.arms}):
+        recipe.merge(s.config)
+        per_run.append(loss_of(RunDir(exp.runs_folder / s.name).merged_dir))
+    assert float(rows[1]["cross_entropy"]) == pytest.approx(sum(per_run) / 2, rel=1e-5)
+    assert float(rows[1]["increase"]) == pytest.approx(sum(per_run) / 2 - base, rel=1e-4, abs=1e-6)
+    assert float(rows[1]["ci_low"]) <= float(rows[1]["increase"]) <= float(rows[1]["ci_high"])
+    assert "## Forgetting on general text" in (exp.folder / "report.md").read_text()
+
+    calls = Counter()
+    original = recipe.text_loss
+    monkeypatch.setattr(recipe, "text_loss", lambda *a, **k: calls.update(["text_loss"]) or original(*a, **k))
+    from sorsa.eval import text_loss as module
+
+    monkeypatch.setattr(module, "mean_cross_entropy", lambda *a, **k: pytest.fail("measured again"))
+    run_experiment(str(path), progress=False)
+    assert calls["text_loss"] == 3  # asked for the base and both runs, each answered from its record

@@ -1,6 +1,7 @@
 """The text of an experiment's report.md, from the numbers report.py computed (nothing is computed here)."""
 from __future__ import annotations
 
+import math
 import statistics
 
 from .results import selection_values
@@ -114,6 +115,25 @@ def _forgetting(exp: Experiment, matrix: list[dict], figures: dict) -> list[str]
     return lines + ["", f"![forgetting]({figures['forgetting'].name})", ""]
 
 
+def _text_forgetting(exp: Experiment, rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    sample = exp.forgetting
+    lines = ["## Forgetting on general text", "",
+             f"Mean cross-entropy (nats per token) on the first {sample.tokens} tokens of `{sample.text}` in rows of "
+             f"{sample.length} (text none of the runs trained on), as PEFT's method comparison measures forgetting; "
+             f"the increase over the base model, mean over seeds with its {100 * exp.stats['confidence']:.0f} % "
+             "interval.", "", "| Model | cross-entropy | increase over the base | interval | seeds |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        interval = "–" if r.get("ci_low") is None or math.isnan(r["ci_low"]) else \
+            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        increase = "–" if r.get("increase") is None else f"{r['increase']:+.4f}"
+        lines.append(f"| {r['row']} | {fmt(r['cross_entropy'], 4)} | {increase} | {interval} | "
+                     f"{r.get('n_seeds', '–')} |")
+    return lines + [""]
+
+
 def _analysis(exp: Experiment, data: dict) -> list[str]:
     if not exp.analyze:
         return []
@@ -134,7 +154,7 @@ def _analysis(exp: Experiment, data: dict) -> list[str]:
 
 
 def render(exp: Experiment, data: dict, summary: list[dict], comparisons: list[dict], matrix: list[dict],
-           figures: dict, context: dict) -> str:
+           figures: dict, context: dict, text_rows: list[dict] | None = None) -> str:
     """report.md: protocol, test accuracy with intervals, paired comparisons, selection, training curves, the
     forgetting matrix, the SVD analysis, failures and how it was run."""
     versions = context["versions"]
@@ -145,7 +165,7 @@ def render(exp: Experiment, data: dict, summary: list[dict], comparisons: list[d
     lines += _protocol(exp) + _results(exp, summary) + _comparisons(exp, comparisons) + _selection(exp, data, figures)
     lines += ["## Training curves", "", "Training loss per step (moving average), mean over seeds; the band spans "
               "the seeds (min–max).", "", f"![training curves]({figures['curves'].name})", ""]
-    lines += _forgetting(exp, matrix, figures) + _analysis(exp, data)
+    lines += _forgetting(exp, matrix, figures) + _text_forgetting(exp, text_rows or []) + _analysis(exp, data)
     if context["failed"]:
         lines += ["## Failed runs", "", "Reported and left out; rerun the experiment to retry them.", ""]
         lines += [f"- {o.kind} {o.name}: {o.error} (log: {o.log})" for o in context["failed"]] + [""]

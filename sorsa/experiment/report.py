@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import platform
+import statistics
 from pathlib import Path
 
 from ..core.fileio import atomic_write_text
@@ -19,6 +20,7 @@ from .spec import Experiment, combo_text, show
 
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
 SELECTION_CSV, COMPARISONS_CSV, FORGETTING_CSV = "selection.csv", "comparisons.csv", "forgetting.csv"
+TEXT_FORGETTING_CSV = "forgetting_text.csv"
 
 
 # ----------------------------------------------------------------------------- the numbers
@@ -99,6 +101,24 @@ def forgetting(exp: Experiment, data: dict, summary: list[dict]) -> list[dict]:
     return rows
 
 
+def text_forgetting(exp: Experiment, data: dict) -> list[dict]:
+    """Forgetting as PEFT measures it: per base model its cross-entropy on the general-text sample, per arm the
+    mean over seeds and the increase over its base model with a Student-t interval (empty without `forgetting`)."""
+    if exp.forgetting is None:
+        return []
+    confidence = exp.stats["confidence"]
+    rows = [{"row": f"base model ({show(model)})", "cross_entropy": outcome.get("text_ce"), "n_seeds": None,
+             "increase": None, "ci_low": None, "ci_high": None} for model, outcome in data["base"].items()]
+    for arm, runs in data["arms"].items():
+        base = data["base"][exp.spec(arm, data["choices"][arm], exp.seeds[0]).config.model].get("text_ce")
+        values = [r["text_ce"] for r in runs if r.get("text_ce") is not None]
+        ci = mean_ci([v - base for v in values], confidence) if values and base is not None else None
+        rows.append({"row": arm.label, "cross_entropy": statistics.fmean(values) if values else None,
+                     "n_seeds": len(values), "increase": ci and ci["mean"], "ci_low": ci and ci["low"],
+                     "ci_high": ci and ci["high"]})
+    return rows
+
+
 # ----------------------------------------------------------------------------- files
 
 def _csv(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -126,16 +146,18 @@ def write_report(exp: Experiment, choices: dict, outcomes: list, wall_seconds: f
     summary = summarize(exp, data)
     comparisons = compare(exp, data)
     matrix = forgetting(exp, data, summary)
+    text_rows = text_forgetting(exp, data)
     folder = exp.folder
     tables = {REPORT_CSV: summary, SELECTION_CSV: _selection_rows(data), COMPARISONS_CSV: comparisons,
-              FORGETTING_CSV: matrix}
+              FORGETTING_CSV: matrix, **({TEXT_FORGETTING_CSV: text_rows} if text_rows else {})}
     for name, rows in tables.items():
         atomic_write_text(folder / name, _csv(rows))
     figures = draw_figures(exp, data, summary, matrix, folder)
     context = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores" + _gpu_text(),
                "versions": package_versions(), "wall_seconds": wall_seconds,
                "trained": sum(o.trained for o in outcomes), "failed": [o for o in outcomes if not o.ok]}
-    atomic_write_text(folder / REPORT_MD, render(exp, data, summary, comparisons, matrix, figures, context))
+    atomic_write_text(folder / REPORT_MD, render(exp, data, summary, comparisons, matrix, figures, context,
+                                                 text_rows))
     return [folder / REPORT_MD, *(folder / n for n in tables), *figures.values()]
 
 

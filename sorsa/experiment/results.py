@@ -137,12 +137,24 @@ def run_outcome(exp: Experiment, cfg: RunConfig, trained: bool = True) -> dict:
         out["summary"] = run.read_done()
         out["losses"], out["train_seconds"] = train_records(run)
         out["analysis"] = _analysis_last_step(run) if exp.analyze else None
+    out["text_ce"] = _text_ce(exp, cfg, trained)
     for test in exp.tests:
         result = find_measurement(cfg, test, trained)
         if result is not None:
             out["tests"][test.name] = {"accuracy": 100.0 * result["accuracy"], "correct": result["correct"],
                                        "total": result["total"], "verdicts": item_verdicts(run, result)}
     return out
+
+
+def _text_ce(exp: Experiment, cfg: RunConfig, trained: bool) -> float | None:
+    """The run's (or base model's) cross-entropy on the experiment's general-text sample, when measured."""
+    from ..train.recipe import text_loss_record
+
+    if exp.forgetting is None:
+        return None
+    sample = exp.forgetting
+    record, _, _ = text_loss_record(cfg, sample.text, sample.tokens, sample.length, trained)
+    return json.loads(record.read_text())["cross_entropy"] if record.is_file() else None
 
 
 def _analysis_last_step(run: RunDir) -> tuple[float, float] | None:

@@ -21,7 +21,7 @@ from ..core.fileio import atomic_write_text, jsonl_text
 from ..train.runs import RunDir, run_dir
 from ..core.records import settings_hash
 from .results import choose, find_measurement, record_matches, selection_table, training_identity
-from .spec import Experiment, TestSet, load_experiment
+from .spec import Experiment, TestSet, TextSample, load_experiment
 from ..core.errors import UserError
 
 
@@ -40,6 +40,7 @@ class Job:
     analyze: bool = False
     top_k: int | None = None
     keep_merged: bool = False
+    text_sample: TextSample | None = None  # the general-text cross-entropy (forgetting) of final runs and base models
 
 
 @dataclass
@@ -75,11 +76,13 @@ def _do(job: Job) -> bool:
     if job.kind == "base":
         for test in job.tests:
             ensure_scored(job.config, test, trained=False)
+        ensure_text_loss(job, trained=False)
         return False
     trained = ensure_trained(job.config)
     if job.kind == "final":  # scored first: the merged model that scoring writes then serves the validation too
         for test in job.tests:
             ensure_scored(job.config, test, trained=True)
+        ensure_text_loss(job, trained=True)
         if job.analyze:
             ensure_analyzed(job.config, job.top_k)
     if job.metric:
@@ -142,6 +145,16 @@ def ensure_scored(cfg: RunConfig, test: TestSet, trained: bool) -> dict:
     if trained and not run_dir(cfg.run_path, cfg.name).merged_dir.is_dir():
         recipe.merge(cfg)
     return recipe.test(dataclasses.replace(cfg, test_dataset=test.dataset, test_file=test.file, limit=test.limit))
+
+
+def ensure_text_loss(job: Job, trained: bool) -> None:
+    """The general-text cross-entropy of the run (or base model) when the experiment measures forgetting; made once
+    (recipe.text_loss keeps its record)."""
+    if job.text_sample is not None:
+        from ..train import recipe
+
+        sample = job.text_sample
+        recipe.text_loss(job.config, sample.text, sample.tokens, sample.length, trained=trained)
 
 
 def ensure_analyzed(cfg: RunConfig, top_k: int | None) -> None:
@@ -274,11 +287,12 @@ def execute(exp: Experiment, jobs: list[Job], workers: int, progress: bool = Tru
 def _jobs(exp: Experiment, kind: str, specs, validation_files: dict) -> list[Job]:
     return [Job(kind, s.config, str(exp.logs_folder / f"{s.name}.log"), tuple(exp.tests), exp.metric,
                 str(exp.validation_record(s.name)), validation_files.get(s.name), exp.analyze, exp.analyze_top_k,
-                exp.keep_merged) for s in specs]
+                exp.keep_merged, exp.forgetting if kind == "final" else None) for s in specs]
 
 
 def _base_jobs(exp: Experiment) -> list[Job]:
-    return [Job("base", cfg, str(exp.logs_folder / f"{name}.log"), tuple(exp.tests)) for name, cfg in exp.base_models()]
+    return [Job("base", cfg, str(exp.logs_folder / f"{name}.log"), tuple(exp.tests), text_sample=exp.forgetting)
+            for name, cfg in exp.base_models()]
 
 
 def validation_files(exp: Experiment) -> dict:

@@ -15,7 +15,7 @@ from ..methods import METHODS, method_label
 from ..train.settings import TEST_DATASETS, RunConfig, load_yaml
 from ..core.errors import UserError
 
-KEYS = ("name", "description", "prepare", "base", "grid", "select", "test", "analyze", "stats", "plan",
+KEYS = ("name", "description", "prepare", "base", "grid", "select", "test", "forgetting", "analyze", "stats", "plan",
         "max_parallel", "keep_merged")
 SELECT_KEYS = ("keys", "metric", "seeds")
 # The validation metrics and how the best value is picked.
@@ -24,6 +24,7 @@ TEST_KEYS = ("name", "dataset", "file", "limit")
 STATS_DEFAULTS = {"confidence": 0.95, "bootstrap": 10000, "seed": 0}
 PLAN_KEYS = ("train_examples", "tokens_per_example", "gpu_tflops", "utilization")
 ANALYZE_KEYS = ("top_k",)
+FORGETTING_DEFAULTS = {"text": "builtin:python-docs", "tokens": 8192, "length": 256}
 # What the experiment decides for each of its runs; in `base` (a run config file, say) these are ignored.
 RUN_OWNED = ("name", "train", "merge", "test", "overwrite", "resume")
 # The experiment folder RUN_PATH/NAME/: every name in it is spelled here.
@@ -38,6 +39,16 @@ class TestSet:
     dataset: str
     file: str | None = None
     limit: int | None = None
+
+
+@dataclass(frozen=True)
+class TextSample:
+    """Forgetting as PEFT measures it: the cross-entropy on the first `tokens` tokens of `text` (a file or a builtin:
+    name), in rows of `length`, of the base model and of every final run (sorsa.eval.text_loss)."""
+
+    text: str
+    tokens: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Experiment:
     plan: dict = field(default_factory=dict)
     max_parallel: int = 1
     keep_merged: bool = False
+    forgetting: TextSample | None = None
     arms: list = field(default_factory=list)
     _specs: dict = field(default_factory=dict, repr=False)
 
@@ -284,7 +296,7 @@ def _is_number(value, kind: type, least: float) -> bool:
 
 
 def _options(raw: dict, source: str) -> dict:
-    """analyze, stats, plan, max_parallel and keep_merged, checked."""
+    """analyze, stats, plan, max_parallel, keep_merged and forgetting, checked."""
     analyze = raw.get("analyze", False)
     if isinstance(analyze, dict):
         _check_keys(analyze, ANALYZE_KEYS, f"{source}: analyze")
@@ -301,11 +313,25 @@ def _options(raw: dict, source: str) -> dict:
     bad = [k for k, v in plan.items() if not _is_number(v, float, 0)]
     if bad:
         raise UserError(f"{source}: plan.{bad[0]} must be a positive number, got {plan[bad[0]]!r}")
+    forgetting = raw.get("forgetting")
+    if forgetting is not None:
+        if forgetting is True:
+            forgetting = {}
+        if not isinstance(forgetting, dict):
+            raise UserError(f"{source}: forgetting must be true or {{text, tokens, length}}")
+        forgetting = {**FORGETTING_DEFAULTS, **_check_keys(forgetting, tuple(FORGETTING_DEFAULTS),
+                                                           f"{source}: forgetting")}
+        if not (isinstance(forgetting["text"], str) and _is_number(forgetting["tokens"], int, 2)
+                and _is_number(forgetting["length"], int, 2) and forgetting["length"] <= forgetting["tokens"]):
+            raise UserError(f"{source}: forgetting needs a text (file or builtin: name) and integers "
+                            f"2 <= length <= tokens, got {forgetting}")
+        forgetting = TextSample(**forgetting)
     parallel = raw.get("max_parallel", 1)
     if not isinstance(parallel, int) or parallel < 1:
         raise UserError(f"{source}: max_parallel must be an integer >= 1, got {parallel!r}")
     return {"analyze": bool(analyze), "analyze_top_k": analyze.get("top_k") if isinstance(analyze, dict) else None,
-            "stats": stats, "plan": plan, "max_parallel": parallel, "keep_merged": bool(raw.get("keep_merged"))}
+            "stats": stats, "plan": plan, "max_parallel": parallel, "keep_merged": bool(raw.get("keep_merged")),
+            "forgetting": forgetting}
 
 
 def load_experiment(path: str, overrides: dict | None = None) -> Experiment:

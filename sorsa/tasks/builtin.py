@@ -27,6 +27,8 @@ BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_RWKV_MODEL = "builtin:tiny-rwkv6"  # the same recipe on the RWKV6 architecture
 BUILTIN_DATA = "builtin:arithmetic"  # level 2: the fine-tuning task, shifted from pre-training
 BUILTIN_DATA_EASY = "builtin:arithmetic-easy"  # level 1: the family the base model was pre-trained on
+# General text a pretrained model has seen, offline everywhere: Python's reference documentation (for forgetting)
+BUILTIN_TEXT = "builtin:python-docs"
 # Bump when the tokenizer, the generator, the model config or the pre-training recipe changes, so a
 # cached directory from an older version is rebuilt instead of silently reused.
 BUILTIN_VERSION = 2
@@ -404,6 +406,19 @@ def _build_model_dir(path: Path, settings: dict, pretrain_steps: int, seed: int,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def materialize_text(path_dir) -> Path:
+    """Python's own documentation topics (`pydoc_data.topics`, shipped with CPython under the PSF license: the
+    language reference's prose and grammar), sorted by topic, as one UTF-8 file. The text follows the Python
+    version; a measurement records its hash."""
+    from pydoc_data import topics
+
+    text = "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics)) + "\n"
+    path = Path(path_dir) / "python-docs.txt"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return path
+
+
 def resolve_builtin(name: str, cache_dir, split: str = "train") -> str:
     """The local path behind a "builtin:" name, materialised under `cache_dir/builtin/` on first use.
 
@@ -418,6 +433,8 @@ def resolve_builtin(name: str, cache_dir, split: str = "train") -> str:
         return str(materialize_model(root / "tiny-llama"))
     if name == BUILTIN_RWKV_MODEL:
         return str(materialize_model(root / "tiny-rwkv6", pretrain_steps=RWKV_PRETRAIN_STEPS, arch="rwkv6"))
+    if name == BUILTIN_TEXT:
+        return str(materialize_text(root / "python-docs"))
     if name in PACKAGED_MODELS:  # a real pretrained model shipped in a wheel (sorsa/tasks/packaged.py)
         return str(materialize_packaged(PACKAGED_MODELS[name], root))
     if name in levels:
@@ -425,6 +442,6 @@ def resolve_builtin(name: str, cache_dir, split: str = "train") -> str:
             raise UserError(f"split for {name} must be 'train' or 'test', got {split!r}")
         train_path, test_path = materialize_dataset(root / name.split(":", 1)[1], level=levels[name])
         return str(train_path if split == "train" else test_path)
-    known = [BUILTIN_MODEL, BUILTIN_RWKV_MODEL, *PACKAGED_MODELS, *levels]
+    known = [BUILTIN_MODEL, BUILTIN_RWKV_MODEL, *PACKAGED_MODELS, *levels, BUILTIN_TEXT]
     raise UserError(f"unknown built-in name {name!r}; known: {', '.join(known)}")
 

@@ -385,3 +385,45 @@ def validation_loss(cfg: RunConfig) -> dict:
                                          reduction="sum").item()
                 tokens += int((labels != IGNORE_INDEX).sum())
     return {"val_loss": total / max(tokens, 1), "val_rows": len(rows), "val_tokens": tokens}
+
+
+# ----------------------------------------------------------------------------- forgetting on general text
+
+def text_loss(cfg: RunConfig, text_file: str, tokens: int, length: int, trained: bool = True) -> dict:
+    """The mean cross-entropy (nats per token) of the run's trained model (merged), or with `trained=False` of the
+    base model cfg.model, on the first `tokens` tokens of `text_file` in rows of `length` (sorsa.eval.text_loss);
+    recorded in RUN/text_loss/ and reused when asked again with the same settings."""
+    import json
+
+    from ..core.fileio import atomic_write_text
+    from ..eval.text_loss import mean_cross_entropy, text_rows
+
+    run = run_dir(cfg.run_path, cfg.name)
+    record, settings, text = text_loss_record(cfg, text_file, tokens, length, trained)
+    if record.is_file():
+        return json.loads(record.read_text())
+    with run.locked("text-loss"):
+        model = (_trained_model(cfg, run) if trained else load_model(cfg, precision_dtype(cfg.test_precision))).eval()
+        rows = text_rows(load_tokenizer(cfg), text, tokens, length)
+        loss, count = mean_cross_entropy(model, rows, cfg.valid_batch_size)
+    result = {"cross_entropy": loss, "tokens": count, "settings": settings}
+    atomic_write_text(record, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def text_loss_record(cfg: RunConfig, text_file: str, tokens: int, length: int, trained: bool = True):
+    """(the record file, its settings, the text) of a `text_loss` measurement; the record may not exist yet."""
+    import hashlib
+
+    from ..core.records import settings_hash
+
+    run = run_dir(cfg.run_path, cfg.name)
+    if trained and not run.is_done():
+        raise UserError(f"run {cfg.name!r} has no finished training in {run.path}; run --train first")
+    text = Path(resolve_data_file(text_file, cfg.cache_path, cfg.run_path, "test")).read_text(encoding="utf-8")
+    model_id = str(run.merged_dir) if trained else resolve_model_name(cfg.model, cfg.cache_path, cfg.run_path)
+    # a record belongs to one training of the run: its completion marker (settings and summary) is in the key
+    settings = {"model": model_id, "trained": settings_hash(run.read_done()) if trained else None,
+                "text": text_file, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "tokens": tokens,
+                "length": length, "precision": cfg.test_precision}
+    return run.text_loss_file(settings), settings, text

@@ -31,7 +31,8 @@ LOCK = ".lock"
 # was cut off while being saved, and resuming from it would restart the step count from 0 over its weights.
 CHECKPOINT_COMPLETE = "trainer_state.json"
 # Sub-directories that training (re)creates; --overwrite removes them.
-TRAINING_OUTPUTS = ("checkpoints", "adapter", "pissa_init", "merged", "eval", "lora_export", "model")
+TEXT_LOSS = "text_loss"  # RUN/text_loss/<settings hash>.json: cross-entropy on a general-text sample (forgetting)
+TRAINING_OUTPUTS = ("checkpoints", "adapter", "pissa_init", "merged", "eval", "lora_export", "model", TEXT_LOSS)
 
 
 class RunLockedError(UserError):
@@ -171,6 +172,10 @@ class RunDir:
     def eval_dir(self, dataset: str, measure: dict) -> Path:
         """The folder of one measurement of `dataset` with the settings `measure` (sorsa.eval.measurement)."""
         return measurement.Measurement(dataset, measure).folder(self.eval_root)
+
+    def text_loss_file(self, settings: dict) -> Path:
+        """The record of one general-text cross-entropy measurement (sorsa.eval.text_loss), keyed by its settings."""
+        return self.path / TEXT_LOSS / f"{settings_hash(settings)[:16]}.json"
 
     def eval_results(self) -> list[dict]:
         """Every results.json under eval/, each with "eval_dir" (its folder name) added, in folder order."""

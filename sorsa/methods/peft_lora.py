@@ -23,13 +23,18 @@ PEFT_PREFIX = "base_model.model."  # the key prefix of a peft adapter file
 
 
 def peft_init(method: str, svd: str = "full", niter: int = 4):
-    """peft's `init_lora_weights` for a method: True (LoRA), "pissa" or "pissa_niter_N" (its randomized
-    SVD); False for svd="fast", which peft does not have: `pissa_from_svd` then initialises the layers."""
+    """peft's `init_lora_weights` for an initialisation family: True (LoRA), "pissa" or "pissa_niter_N" (its
+    randomized SVD), "olora"; False where this project initialises the layers itself after peft built them
+    (`svd_init`): PiSSA with svd="fast", which peft does not have, and MiLoRA, which peft does not offer."""
     if method == "lora":
         return True
     if method == "pissa":
         return {"full": "pissa", "randomized": f"pissa_niter_{niter}"}.get(svd, False)
-    raise UserError(f"peft baseline {method!r} is unknown; use 'lora' or 'pissa'")
+    if method == "olora":
+        return "olora"
+    if method == "milora":
+        return False
+    raise UserError(f"peft initialisation {method!r} is unknown; use 'lora', 'pissa', 'olora' or 'milora'")
 
 
 def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules: list[str] | str,
@@ -38,7 +43,7 @@ def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules
                         lora_options: dict | None = None):
     """Wrap `model` in a peft LoRA/PiSSA model with rank r, alpha r and the given targets; `task_type`
     "SEQ_CLS" with `modules_to_save` (peft's own: trained fully, saved with the adapter) for a classifier.
-    PiSSA with svd="fast" is initialised by `pissa_from_svd` with `svd_options` (svd_top's keywords);
+    PiSSA with svd="fast" and MiLoRA are initialised by `svd_init` with `svd_options` (svd_top's keywords);
     `lora_options`: further `LoraConfig` fields of a variant (e.g. use_rslora)."""
     from peft import LoraConfig, get_peft_model
 
@@ -54,15 +59,18 @@ def apply_peft_baseline(model: nn.Module, method: str, rank: int, target_modules
                         modules_to_save=modules_to_save, fan_in_fan_out=conv1d, **(lora_options or {}))
     peft_model = get_peft_model(model, config)
     if method == "pissa" and svd == "fast":
-        pissa_from_svd(peft_model, svd, svd_options or {})
+        svd_init(peft_model, svd, svd_options or {})
+    elif method == "milora":
+        svd_init(peft_model, svd, svd_options or {}, minor=True)
     return peft_model
 
 
 @torch.no_grad()
-def pissa_from_svd(peft_model, svd: str, options: dict) -> None:
-    """PiSSA's initialisation (arXiv 2404.02948, Sec. 3) from this project's SVD: per LoRA layer, the top-r
-    triplets (U, S, Vh) of W give A = √(S/s) Vh (r, in) and B = U √(S/s) (out, r), and the base weight
-    becomes W_res = W − s · B A (s = lora_alpha / r). The config then says "pissa", as peft's own would."""
+def svd_init(peft_model, svd: str, options: dict, minor: bool = False) -> None:
+    """Initialise every LoRA layer from the SVD of its weight W: PiSSA (arXiv 2404.02948, Sec. 3) takes the top-r
+    triplets (this project's `svd_top`), MiLoRA (arXiv 2406.09044, Sec. 3) the r smallest (from the full SVD);
+    either way A = √(S/s) Vh (r, in), B = U √(S/s) (out, r), and the base weight becomes the residual
+    W_res = W − s · B A (s = lora_alpha / r), so the adapted model equals the base at the start."""
     from peft.tuners.lora import LoraLayer
 
     for _, module in peft_model.named_modules():
@@ -71,13 +79,20 @@ def pissa_from_svd(peft_model, svd: str, options: dict) -> None:
         base = module.get_base_layer()
         r, s = module.r["default"], module.scaling["default"]
         W = dense_weight(base)  # (out, in), also for GPT-2's Conv1D
-        U, S, Vh = SF.svd_top(W, r, svd, **options)  # (out, r), (r,), (r, in)
+        U, S, Vh = minor_components(W, r) if minor else SF.svd_top(W, r, svd, **options)  # (out, r), (r,), (r, in)
         A, B = SF.pissa_factors(U, S, Vh, s)  # (r, in), (out, r)
         module.lora_A["default"].weight.copy_(A)
         module.lora_B["default"].weight.copy_(B)
         W_res = SF.lora_residual(W, A, B, s, W.dtype)
         base.weight.data = W_res if isinstance(base, nn.Linear) else W_res.T.contiguous()
-    peft_model.peft_config["default"].init_lora_weights = "pissa"
+    if not minor:
+        peft_model.peft_config["default"].init_lora_weights = "pissa"  # as peft's own PiSSA would say
+
+
+def minor_components(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r smallest singular triplets of W (out, in), from the full SVD in float32: (out, r), (r,), (r, in)."""
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return U[:, -rank:].contiguous(), S[-rank:].contiguous(), Vh[-rank:].contiguous()
 
 
 def save_initial_pissa(peft_model, init_dir: str | os.PathLike):
@@ -92,11 +107,18 @@ def save_initial_pissa(peft_model, init_dir: str | os.PathLike):
 
 
 def save_peft_adapter(peft_model, adapter_dir: str | os.PathLike, init_dir: str | os.PathLike | None = None):
-    """Save the trained adapter; a PiSSA adapter (with `init_dir`) is converted to a rank-2r LoRA."""
+    """Save the trained adapter; an adapter of a residual base (PiSSA, OLoRA, MiLoRA: with `init_dir`, its initial
+    adapter) is converted to a rank-2r LoRA of the original base."""
+    import warnings
+
     kwargs = {}
     if init_dir is not None and Path(init_dir).is_dir():
         kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
-    peft_model.save_pretrained(str(adapter_dir), **kwargs)
+    with warnings.catch_warnings():
+        # peft names the inits it knows; the conversion (ΔW = B A − B₀ A₀ as a rank-2r LoRA) holds for any adapter
+        # of a residual base, MiLoRA's included
+        warnings.filterwarnings("ignore", message=".*path_initial_model_for_weight_conversion` only works")
+        peft_model.save_pretrained(str(adapter_dir), **kwargs)
     if kwargs:
         _restore_modules_to_save(peft_model, adapter_dir)
 
@@ -196,23 +218,24 @@ def dequantize_peft(model, dtype: torch.dtype) -> nn.Module:
 
 class PeftWeights:
     """W_t = W_0 + s·B A for a LoRA adapter (or PiSSA converted to LoRA), and W_t = W_0 − s·B_0 A_0 + s·B_t A_t for a
-    PiSSA checkpoint, whose base was the residual W_0 − s·B_0 A_0 (B_0, A_0 from RUN/pissa_init). s = lora_alpha / r
-    (/ √r with rsLoRA). The SVD analysis reads a run's checkpoints through this."""
+    checkpoint of a residual-base method (PiSSA, OLoRA, MiLoRA), whose base was W_0 − s·B_0 A_0 (B_0, A_0 from its
+    initial adapter); DoRA rescales the rows by its magnitude vector. s = lora_alpha / r (/ √r with rsLoRA). The SVD
+    analysis reads a run's checkpoints through this."""
 
     def __init__(self, checkpoint: Path, init_dir: Path | None):
         import json
 
         self.scale, self.reader = self._open(checkpoint)
         config = json.loads((checkpoint / "adapter_config.json").read_text())
-        init = config.get("init_lora_weights")
-        self.relative_to_residual = isinstance(init, str) and init.lower().startswith("pissa")
+        # a checkpoint of a residual-base method (not yet converted to a LoRA of the base, which says True)
+        self.relative_to_residual = init_dir is not None and config.get("init_lora_weights") is not True
         self.init = None
         if self.relative_to_residual:
-            if init_dir is None or not (init_dir / "adapter_config.json").is_file():
+            if not (init_dir / "adapter_config.json").is_file():
                 from ..core.errors import MissingFileError
 
-                raise MissingFileError(f"{checkpoint} is a PiSSA adapter of the residual model; its initial adapter "
-                                       "(RUN/pissa_init) is needed to rebuild W_t and is missing")
+                raise MissingFileError(f"{checkpoint} is an adapter of the residual model; its initial adapter "
+                                       f"({init_dir}) is needed to rebuild W_t and is missing")
             self.init = self._open(init_dir)
         self.layers = adapter_layers(self.reader)
 
@@ -223,8 +246,8 @@ class PeftWeights:
         from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
         config = json.loads((directory / "adapter_config.json").read_text())
-        if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
-            raise UserError(f"{directory}: rank/alpha patterns and DoRA are not supported by the analysis")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise UserError(f"{directory}: rank/alpha patterns are not supported by the analysis")
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
         return scale, TensorReader(directory / SAFETENSORS_WEIGHTS_NAME)
@@ -239,6 +262,10 @@ class PeftWeights:
         W = W0 + self._delta(self.scale, self.reader, layer, W0.device)
         if self.relative_to_residual:
             W = W - self._delta(*self.init, layer, W0.device)
+        magnitude = f"{PEFT_PREFIX}{layer}.lora_magnitude_vector"
+        if magnitude in self.reader:  # DoRA (arXiv 2402.09353, Eq. 5): W' = m · V / ‖V‖_row with V = W0 + s·B A
+            m = self.reader.get(magnitude).to(device=W0.device, dtype=torch.float32)  # (out,)
+            W = (m / torch.linalg.norm(W, dim=1)).unsqueeze(1) * W
         return W
 
 

@@ -544,6 +544,15 @@ def test_text_forgetting_matches_a_recomputation_and_is_not_measured_twice(tmp_p
     assert float(rows[1]["increase"]) == pytest.approx(sum(per_run) / 2 - base, rel=1e-4, abs=1e-6)
     assert float(rows[1]["ci_low"]) <= float(rows[1]["increase"]) <= float(rows[1]["ci_high"])
     assert "## Forgetting on general text" in (exp.folder / "report.md").read_text()
+    # PEFT's efficiency columns: the mean of what each run's completion marker recorded
+    summary = _csv(exp.folder / "report.csv")[0]
+    runs = [RunDir(exp.runs_folder / s.name) for s in exp.final_runs({a: a.combos[0] for a in exp.arms})]
+    sizes = [sum(f.stat().st_size for f in (r.path / "adapter").rglob("*") if f.is_file()) for r in runs]
+    assert float(summary["saved_bytes_mean"]) == pytest.approx(sum(sizes) / 2)
+    assert float(summary["peak_memory_mib_mean"]) > 100 and float(summary["tokens_per_second_mean"]) > 0
+    done = [r.read_done() for r in runs]
+    assert all(d["tokens_per_second"] > 0 for d in done)
+    assert "## Efficiency" in (exp.folder / "report.md").read_text()
 
     calls = Counter()
     original = recipe.text_loss

@@ -39,6 +39,7 @@ def summarize(exp: Experiment, data: dict) -> list[dict]:
                   "selected": combo_text(data["choices"][arm]),
                   "trainable_params": trained[0]["summary"].get("trainable_params") if trained else None,
                   "train_seconds_mean": sum(seconds) / len(seconds) if seconds else None,
+                  **{f"{k}_mean": _mean([r["summary"].get(k) for r in trained]) for k in EFFICIENCY},
                   "mean_train_loss": loss_ci["mean"] if loss_ci else None,
                   "mean_train_loss_half_width": loss_ci["half_width"] if loss_ci else None}
         for test in exp.tests:
@@ -51,6 +52,15 @@ def summarize(exp: Experiment, data: dict) -> list[dict]:
                          "ci_half_width": ci and ci["half_width"], "sd": ci and ci["sd"],
                          "accuracy_per_seed": ";".join(f"{m['accuracy']:.4f}" for _, m in scored)})
     return rows
+
+
+EFFICIENCY = ("peak_memory_mib", "tokens_per_second", "saved_bytes")  # PEFT's columns, from the completion marker
+
+
+def _mean(values: list) -> float | None:
+    """The mean of the recorded values (None when a run did not record one: trained before it was recorded)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _paired(runs_a: list[dict], runs_b: list[dict], test: str) -> tuple[list, list, list]:

@@ -206,15 +206,32 @@ def _finish_training(cfg: RunConfig, run: RunDir, trainer) -> dict:
     run.write_train_log(history)
     # per-step losses as logged; a run shorter than --logging-steps has only the Trainer's mean
     losses = [r["loss"] for r in history if "loss" in r] or [r["train_loss"] for r in history if "train_loss" in r]
+    method = get_method(cfg.peft)
     summary = {"steps": trainer.state.global_step,
                "trainable_params": parameter_summary(trainer.model)["trainable"],
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "world_size": trainer.args.world_size, "deepspeed": cfg.deepspeed}
+               "world_size": trainer.args.world_size, "deepspeed": cfg.deepspeed, **_efficiency(run, method, trainer)}
     run.mark_done(summary, cfg.training_settings())
-    method = get_method(cfg.peft)
     print(f"[run] trained {summary['steps']} steps: loss {summary['first_loss']} -> {summary['last_loss']}; "
           f"{method.describe_result()} in {run.trained_dir(method)}")
     return summary
+
+
+def _efficiency(run: RunDir, method, trainer) -> dict:
+    """PEFT's efficiency columns for the completion marker: peak memory (CUDA's peak allocation on a GPU, else the
+    process's resident high-water mark), input tokens per second of training, and the size of what training saved."""
+    runtime = next((r["train_runtime"] for r in reversed(trainer.state.log_history) if "train_runtime" in r), None)
+    tokens = trainer.state.num_input_tokens_seen
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    saved = run.trained_dir(method)
+    size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) if saved.is_dir() else None
+    return {"peak_memory_mib": round(peak, 1), "tokens_per_second": tokens / runtime if tokens and runtime else None,
+            "saved_bytes": size}
 
 
 def _check_report_to(report_to: str):
@@ -243,7 +260,7 @@ def build_training_arguments(cfg: RunConfig, run: RunDir, configured_state: bool
         activation_checkpointing=cfg.grad_cp, save_strategy="steps", save_steps=cfg.save_steps,
         logging_steps=cfg.logging_steps, report_to=cfg.report_to, seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=not on_gpu, deepspeed=cfg.deepspeed, remove_unused_columns=False, disable_tqdm=False,
-        dataloader_num_workers=0, save_only_model=False,
+        dataloader_num_workers=0, save_only_model=False, include_num_input_tokens_seen=True,
         ddp_find_unused_parameters=False,  # every adapter (and, for full, every weight) gets a gradient
         accelerator_config={"use_configured_state": True} if configured_state else None)
 

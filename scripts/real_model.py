@@ -6,6 +6,7 @@ table (and a figure) into docs/real_model/ and prints it:
     python scripts/real_model.py init        # full vs fast vs randomized SVD over all 210 target weights
     python scripts/real_model.py step        # a whole-model training step: SORSA, LoRA, PiSSA, full FT, dense delta
     python scripts/real_model.py generate    # the toolkit's generator vs a bare model.generate on GSM-8K prompts
+    python scripts/real_model.py tour        # every method (and QSORSA/QPiSSA/QLoRA) through every job, 2 steps each
 
 The quantization error on the same weights is `python -m sorsa.tools.quant_error` (README, "Real-weight results").
 Timings are ratios within one interleaved run on a shared CPU: absolute times move with the machine's load.
@@ -260,6 +261,49 @@ def generate(args) -> None:
                                  f"bare / toolkit tokens/s: {ratio:.2f}x.", ""]))
 
 
+# ----------------------------------------------------------------------------- every job on every method
+
+TOUR = [(m, None) for m in ("sorsa", "pissa", "lora", "full", "dora", "rslora", "olora", "milora")] + \
+    [(m, "nf4") for m in ("sorsa", "pissa", "lora")]
+
+
+def tour(args) -> None:
+    """Each method (and the three over an NF4 base) through --train (2 steps), --merge --export-lora, --test (4
+    GSM-8K problems), --analyze, then --report and --dry-run: whether each job ends with status 0, and its time."""
+    from sorsa import cli
+
+    runs = Path(args.runs)
+    common = ["--model", MODEL, "--run-path", str(runs), "--train-file", "builtin:arithmetic", "-r", "8",
+              "--lr", "1e-4", "--batch-size", "2", "--length", "96", "--max-steps", "2", "--save-steps", "1",
+              "--mix-precision", "fp32", "--test-precision", "fp32", "--max-new-tokens", "32", "--limit", "4",
+              "--test-file", args.gsm8k] + (["--cache-path", args.cache] if args.cache else [])
+    jobs = {"train": ["--train"], "merge": ["--merge", "--export-lora"], "test": ["--test"],
+            "analyze": None}  # --analyze NAME: a job of its own (below)
+    rows = ["| -p | base | " + " | ".join(jobs) + " |", "|---|---|" + "---|" * len(jobs)]
+    for method, quantize in TOUR:
+        name = method + (f"_{quantize}" if quantize else "")
+        cells = []
+        for job, flags in jobs.items():
+            if flags is None:
+                argv = ["--analyze", name, "--run-path", str(runs), "--out", str(runs / "analysis" / name)]
+            else:
+                argv = ["-n", name, "-p", method, *common, *(["--quantize", quantize] if quantize else []), *flags]
+            start = time.perf_counter()
+            code = cli.main(argv)
+            cells.append(f"{'ok' if code == 0 else f'exit {code}'} ({time.perf_counter() - start:.0f} s)")
+            print(f"{name} {job}: {cells[-1]}", file=sys.stderr)
+        rows.append(f"| {method} | {quantize or 'float32'} | " + " | ".join(cells) + " |")
+    names = [m + (f"_{q}" if q else "") for m, q in TOUR]
+    report = cli.main(["--report", *names, "--run-path", str(runs), "--out", str(runs / "report")])
+    plan = cli.main(["--dry-run", "--model", MODEL, "-r", "8"])
+    write("tour", "\n".join(["# Every method through every job on the real model", "", header(), "",
+                              "`python scripts/real_model.py tour`: 2 training steps (batch 2, rank 8, float32) per "
+                              "method, then `--merge --export-lora`, `--test` on the first 4 GSM-8K problems (32 new "
+                              "tokens), `--analyze`; the exit status of each job and its time. Then `--report` over "
+                              f"all runs: {'ok' if report == 0 else f'exit {report}'}; `--dry-run`: "
+                              f"{'ok' if plan == 0 else f'exit {plan}'}.", "", *rows, ""]))
+
+
 def _until_eos(row: list[int], eos: list[int]) -> int:
     for i, token in enumerate(row):
         if token in eos:
@@ -269,7 +313,8 @@ def _until_eos(row: list[int], eos: list[int]) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["spectra", "init", "step", "step-one", "generate"])
+    parser.add_argument("what", choices=["spectra", "init", "step", "step-one", "generate", "tour"])
+    parser.add_argument("--runs", default="runs/real_model_tour", help="tour: the run path")
     parser.add_argument("--cache", default=None, help="the builtin cache (default runs/.builtin)")
     parser.add_argument("--rank", type=int, default=8, help="init: the rank")
     parser.add_argument("--method", choices=STEP_METHODS, help="step-one: the method")
@@ -279,7 +324,8 @@ def main(argv=None) -> None:
     parser.add_argument("--new", type=int, default=128, help="generate: max new tokens")
     parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"))
     args = parser.parse_args(argv)
-    {"spectra": spectra, "init": init, "step": step, "step-one": step_one, "generate": generate}[args.what](args)
+    {"spectra": spectra, "init": init, "step": step, "step-one": step_one, "generate": generate,
+     "tour": tour}[args.what](args)
 
 
 if __name__ == "__main__":

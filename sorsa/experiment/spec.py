@@ -17,6 +17,22 @@ from ..core.errors import UserError
 
 KEYS = ("name", "description", "prepare", "base", "grid", "select", "test", "forgetting", "analyze", "stats", "plan",
         "max_parallel", "keep_merged")
+# What each top-level key holds (docs/experiment_schema.md is written from these by scripts/gen_docs.py)
+KEY_HELP = {
+    "name": "the experiment's folder name under the run path (letters, digits, . _ -)",
+    "description": "free text, shown at the top of the report",
+    "prepare": "the command that builds the experiment's inputs (named in the error when one is missing)",
+    "base": "the run settings every run starts from: a run config file's path, or a mapping of settings",
+    "grid": "`peft` (the methods), the tuned settings and `seed`, each a list or a mapping from method to list",
+    "select": "how each arm's setting is chosen: the tuned `keys`, the validation `metric`, the selection `seeds`",
+    "test": "the tests every final run and the base model are scored on: benchmark names or mappings",
+    "forgetting": "the cross-entropy on a general-text sample, base vs every final run (true for the defaults)",
+    "analyze": "the SVD analysis of the final runs (true, or `top_k`)",
+    "stats": "the report's statistics: interval confidence, bootstrap samples and seed",
+    "plan": "the --dry-run's GPU-hour assumptions",
+    "max_parallel": "runs side by side (worker processes; one GPU each where there are GPUs)",
+    "keep_merged": "keep each final run's merged model (true) or delete it after scoring (false, the default)",
+}
 SELECT_KEYS = ("keys", "metric", "seeds")
 # The validation metrics and how the best value is picked.
 METRICS = {"val_loss": min, "val_accuracy": max}

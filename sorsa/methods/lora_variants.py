@@ -68,7 +68,8 @@ class LoftQMethod(LoraMethod):
     name = "loftq"
     label = "LoftQ"
     color = "tab:pink"
-    source = "LoftQ, Li et al. 2023 (arXiv 2310.08659), peft (init_lora_weights='loftq')"
+    source = "LoftQ, Li et al. 2023 (arXiv 2310.08659): refused with the reason (peft's LoftQ needs CUDA)"
+    quantizable = False
 
     def check(self, cfg) -> None:
         import torch

@@ -186,7 +186,8 @@ def test_report_table_matches_hand_made_runs(tmp_path):
 
 
 def test_paper_results_hold_the_published_table():
-    rows = [r for r in load_paper_results() if r["model"] != "LLaMA 3 70B"]  # the SORSA paper's table
+    # the SORSA paper's table (PiSSA's quantized row and PEFT's method comparison are the other rows)
+    rows = [r for r in load_paper_results() if r["model"] not in ("LLaMA 3 70B", "Llama 3.2 3B")]
     cell = {(r["model"], r["method"]): r for r in rows}
     assert len(rows) == 16
     assert (cell[("Llama 2 7B", "SORSA")]["gsm8k"], cell[("Llama 2 7B", "SORSA")]["math"]) == (56.03, 10.36)
@@ -195,6 +196,16 @@ def test_paper_results_hold_the_published_table():
     for (model, method), r in cell.items():  # the † entries: PiSSA's numbers quoted by SORSA
         from_pissa = model != "RWKV6 7B" and method in ("Full FT", "LoRA", "PiSSA")
         assert r["source"].startswith("PiSSA") == from_pissa, (model, method)
+
+
+def test_paper_results_hold_peft_method_comparison():
+    from sorsa.tools.report import find_paper_row
+
+    peft = {r["method"]: r for r in load_paper_results() if r["model"] == "Llama 3.2 3B"}
+    assert {m: r["gsm8k"] for m, r in peft.items()} == {"LoRA": 47.8, "rsLoRA": 51.3, "DoRA": 46.9, "Full FT": 47.2,
+                                                        "Lily": 52.6}
+    assert all("PEFT MetaMathQA method comparison" in r["source"] for r in peft.values())
+    assert find_paper_row(load_paper_results(), "meta-llama/Llama-3.2-3B", "rslora") == peft["rsLoRA"]
 
 
 def test_paper_results_hold_pissas_quantized_llama3_70b_row():

@@ -149,6 +149,10 @@ def test_experiment_configs_load_and_paper_dry_run(capsys):
         text = f.read_text()
         assert text.startswith("#") and "Launch:" in text and "Effective batch" in text, f
         exp = load_experiment(str(f))
+        if f.stem.startswith("peft_"):  # PEFT's protocol (the baselines issue): its own arms, one fixed lr or a sweep
+            assert [a.method for a in exp.arms] == ["sorsa", "pissa", "lora", "rslora", "dora", "olora", "milora",
+                                                    "full"]
+            continue
         assert [a.method for a in exp.arms] == ["sorsa", "pissa", "lora", "full"] and exp.tuned_keys == ["lr"]
     # configs/mini/<method>.yaml (one arm alone) is the experiment's run of that method at seed 1 and its choice
     mini = load_experiment(str(ROOT / "configs/experiments/mini.yaml"))
@@ -562,3 +566,23 @@ def test_text_forgetting_matches_a_recomputation_and_is_not_measured_twice(tmp_p
     monkeypatch.setattr(module, "mean_cross_entropy", lambda *a, **k: pytest.fail("measured again"))
     run_experiment(str(path), progress=False)
     assert calls["text_loss"] == 3  # asked for the base and both runs, each answered from its record
+
+
+def test_text_cross_entropy_is_zero_change_for_an_untouched_model_and_ln_v_for_a_uniform_one(builtin_model_dir):
+    """The forgetting measure where the answer is known: the same model twice changes nothing, and a model whose
+    output layer is zeroed predicts uniformly, so its cross-entropy is ln(vocabulary) exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sorsa.eval.text_loss import mean_cross_entropy, text_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir)
+    rows = text_rows(tokenizer, " ".join(["Tom has 3 apples and buys 4 more ."] * 40), 96, 32)
+    assert rows.shape == (3, 32)
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_dir).eval()
+    first, count = mean_cross_entropy(model, rows)
+    again, _ = mean_cross_entropy(AutoModelForCausalLM.from_pretrained(builtin_model_dir).eval(), rows, batch_size=2)
+    assert count == 3 * 31 and again == pytest.approx(first, abs=1e-6)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    uniform, _ = mean_cross_entropy(model, rows)
+    assert uniform == pytest.approx(math.log(model.config.vocab_size), rel=1e-6)

@@ -2,6 +2,8 @@
 the base model (residual + adapter = W for OLoRA and MiLoRA), trains 3 steps through the command line, merges into a
 plain checkpoint with the adapter model's logits, and reloads exactly; MiLoRA's factors are the r smallest singular
 triplets; -p loftq is one error naming why."""
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -90,3 +92,38 @@ def test_loftq_is_one_error_naming_why(tmp_path, capsys, builtin_model_dir):
     code, err = call(_train_argv(tmp_path, builtin_model_dir, "lq", "-p", "loftq", "--max-steps", "1"), capsys)
     assert code == 2 and len(err) == 1 and "loftq" in err[0], err
     assert ("CUDA" in err[0]) != torch.cuda.is_available()
+
+
+def test_a_tiny_peft_protocol_experiment_runs_end_to_end(tmp_path, builtin_model_dir):
+    """configs/experiments/peft_metamathqa.yaml with its base shrunk to the tiny model (every arm, one seed, 4 steps):
+    every arm trains, is scored and gets its forgetting and efficiency rows."""
+    import csv
+
+    import yaml
+
+    from sorsa.experiment import run_experiment
+    from sorsa.tasks.builtin import materialize_dataset
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/experiments/peft_metamathqa.yaml").read_text())
+    train, test = materialize_dataset(tmp_path / "data", n_train=64, n_test=8, seed=0, level=2)
+    raw["base"].update(model=str(builtin_model_dir), train_file=str(train), split=None, rank=4, length=96, max_steps=4,
+                       batch_size=4, mix_precision=["fp32"], test_precision="fp32", max_new_tokens=24, save_steps=4,
+                       run_path=str(tmp_path / "runs"))
+    raw["grid"]["seed"] = [1]
+    raw["test"] = [{"name": "level-2", "dataset": "gsm-8k", "file": str(test), "limit": 8}]
+    raw["forgetting"] = {"text": "builtin:python-docs", "tokens": 256, "length": 64}
+    for key in ("prepare", "plan"):
+        raw.pop(key)
+    path = tmp_path / "peft_tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = run_experiment(str(path), progress=False)
+    assert all(o.ok for o in result["outcomes"]), [o.error for o in result["outcomes"] if not o.ok]
+    folder = tmp_path / "runs" / "peft_metamathqa"
+    with open(folder / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["arm"] for r in rows] == ["SORSA", "PiSSA", "LoRA", "rsLoRA", "DoRA", "OLoRA", "MiLoRA", "Full FT"]
+    assert all(r["n_seeds"] == "1" and 0 <= float(r["accuracy_mean"]) <= 100 for r in rows)
+    assert all(float(r["saved_bytes_mean"]) > 0 for r in rows)
+    with open(folder / "forgetting_text.csv", newline="") as f:
+        text = list(csv.DictReader(f))
+    assert len(text) == 9 and all(float(r["cross_entropy"]) > 0 for r in text)

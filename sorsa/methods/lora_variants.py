@@ -27,6 +27,9 @@ class DoraMethod(LoraMethod):
     lora_options = {"use_dora": True}
     quantizable = False  # not wired to this project's streaming 4-bit loader
 
+    def trainable_count(self, layers, rank, total):
+        return super().trainable_count(layers, rank, total) + sum(o for _, o, _ in layers)  # + the magnitude m
+
 
 class RsLoraMethod(LoraMethod):
     """rsLoRA: the rank-stabilised scale alpha / √r (so the update does not shrink as r grows)."""

@@ -27,9 +27,11 @@ STORED_CONFIGS = {
     "google/gemma-7b": "gemma-7b.json",
     "RWKV/v6-Finch-7B-HF": "RWKV6-7B.json",
 }
-# Models beyond the paper's table: LLaMA-3-70B of PiSSA's quantized experiment (configs/quantized/), and the real
+# Models beyond the paper's table: LLaMA-3-70B of PiSSA's quantized experiment (configs/quantized/), Llama-3.2-3B of
+# PEFT's MetaMathQA method comparison (configs/experiments/peft_metamathqa.yaml), and the real
 # model that installs offline (sorsa/tasks/packaged.py), so its --dry-run needs neither the wheel nor a conversion.
 MORE_CONFIGS = {"meta-llama/Meta-Llama-3-70B": "quantized/Meta-Llama-3-70B.json",
+                "meta-llama/Llama-3.2-3B": "more/Llama-3.2-3B.json",  # PEFT's method comparison
                 "builtin:smollm2-135m-instruct": "real/SmolLM2-135M-Instruct.json"}
 # The paper's trainable-parameter counts (../PAPER.md): adapters at the paper's rank (all seven
 # projections; RWKV6: its eight matrices), and full fine-tuning.

@@ -21,7 +21,7 @@ BENCHMARKS = (("gsm8k", "gsm-8k", "GSM-8K"), ("math", "math", "MATH"), ("humanev
 # A run's model id (hub id or local directory, matched on its last path component) -> the paper's model.
 MODEL_PATTERNS = ((r"llama-?2-7b", "Llama 2 7B"), (r"mistral-7b-v0\.1", "Mistral 7B v0.1"),
                   (r"gemma-7b", "Gemma 7B"), (r"(rwkv|finch).*7b|7b.*(rwkv|finch)", "RWKV6 7B"),
-                  (r"llama-?3-70b", "LLaMA 3 70B"))
+                  (r"llama-?3-70b", "LLaMA 3 70B"), (r"llama-?3\.2-3b", "Llama 3.2 3B"))
 # The GLUE table (sequence-classification runs): task folder, column title, the results.json keys shown (in %).
 # Headline metrics as the LoRA paper and PiSSA report them; MRPC and QQP also F1, STS-B also Spearman.
 GLUE_TABLE = (("glue-mnli", "MNLI-m", ("score",)), ("glue-mnli-mm", "MNLI-mm", ("score",)),

@@ -30,6 +30,7 @@ ALLOWED = {
     "tools": {"core", "methods", "tasks", "eval", "train", "rwkv6"},
     "experiment": {"core", "methods", "tasks", "eval", "train", "tools"},
     "cli": {"core", "train", "tools", "experiment"},
+    "peft": {"core", "train"},  # SORSA inside PEFT (sorsa/peft.py): the core's math, the trainer's regularizer
 }
 
 

@@ -56,15 +56,18 @@ class OrthonormalRegularizer(TrainerCallback):
     gradient is scaled the same way and the scaler's unscale then treats both alike.
     """
 
-    def __init__(self, gamma: float, grad_scale=lambda: 1.0, loss_fn=orthonormal_loss):
+    def __init__(self, gamma: float, grad_scale=lambda: 1.0, loss_fn=orthonormal_loss, params_fn=None):
         self.gamma = gamma
         self.grad_scale = grad_scale
         self.loss_fn = loss_fn  # L_o of a model (the DeepSpeed trainer gathers ZeRO-3 partitions)
+        # the regularized tensors of a model: every SORSA layer's U_p and Vh_p (sorsa.peft: its active adapters')
+        self.params_fn = params_fn or (lambda model: [p for _, layer in sorsa_layers(model)
+                                                     for p in (layer.U_p, layer.Vh_p)])
         self.values: list[float] = []  # L_o at each optimizer step since the last log
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        layers = sorsa_layers(model)
-        if not layers:
+        params = self.params_fn(model)
+        if not params:
             return
         if self.gamma == 0:
             with torch.no_grad():
@@ -74,7 +77,6 @@ class OrthonormalRegularizer(TrainerCallback):
         # so every rank adds the same term and the replicas stay identical.
         coef = regularizer_coefficient(self.gamma, args.learning_rate, args.gradient_accumulation_steps)
         coef *= self.grad_scale()
-        params = [p for _, layer in layers for p in (layer.U_p, layer.Vh_p)]
         with torch.enable_grad(), torch.autocast(device_type=params[0].device.type, enabled=False):
             loss = self.loss_fn(model)
             grads = torch.autograd.grad(loss, params)

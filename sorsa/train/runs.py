@@ -58,7 +58,9 @@ def find_runs(names: list[str], cfg) -> list[RunDir]:
         names = [cfg.name]
     found = []
     for name in names:
-        run = RunDir(name) if Path(name).is_dir() else run_dir(cfg.run_path, name)
+        run = run_dir(cfg.run_path, name)
+        if not run.is_run() and Path(name).is_dir():  # a run under RUN_PATH first: a folder "sorsa" may be the package
+            run = RunDir(name)
         run.read_config()  # not a run directory: one error saying so
         found.append(run)
     return found

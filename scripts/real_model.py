@@ -7,6 +7,7 @@ table (and a figure) into docs/real_model/ and prints it:
     python scripts/real_model.py step        # a whole-model training step: SORSA, LoRA, PiSSA, full FT, dense delta
     python scripts/real_model.py generate    # the toolkit's generator vs a bare model.generate on GSM-8K prompts
     python scripts/real_model.py tour        # every method (and QSORSA/QPiSSA/QLoRA) through every job, 2 steps each
+    python scripts/real_model.py publish --wall-min M   # copy the smollm2 experiment's report and figures into docs/
 
 The quantization error on the same weights is `python -m sorsa.tools.quant_error` (README, "Real-weight results").
 Timings are ratios within one interleaved run on a shared CPU: absolute times move with the machine's load.
@@ -305,6 +306,26 @@ def tour(args) -> None:
                               f"{'ok' if plan == 0 else f'exit {plan}'}.", "", *rows, ""]))
 
 
+def publish(args) -> None:
+    """docs/smollm2_reproduction.md and docs/smollm2_reproduction/*.png from the experiment folder of
+    configs/experiments/smollm2.yaml (sorsa-run --experiment first), with the measured wall time."""
+    import shutil
+
+    folder = ROOT / "runs" / "smollm2_reproduction"
+    figures = ROOT / "docs" / "smollm2_reproduction"
+    figures.mkdir(parents=True, exist_ok=True)
+    report = (folder / "report.md").read_text()
+    for png in sorted(folder.glob("*.png")):
+        shutil.copy(png, figures / png.name)
+        report = report.replace(f"]({png.name})", f"](smollm2_reproduction/{png.name})")
+    cost = (f"\n## Cost\n\nMeasured wall time of `sorsa-run --experiment configs/experiments/smollm2.yaml` from an empty "
+            f"experiment folder: {args.wall_min:.0f} min on 2 CPU cores ({time.strftime('%Y-%m-%d')}), while other work "
+            "shared the cores for part of it; a rerun of the finished experiment trains nothing and re-renders the "
+            "report.\n")
+    (ROOT / "docs" / "smollm2_reproduction.md").write_text(report.rstrip("\n") + "\n" + cost)
+    print(f"wrote docs/smollm2_reproduction.md and {figures}")
+
+
 def _until_eos(row: list[int], eos: list[int]) -> int:
     for i, token in enumerate(row):
         if token in eos:
@@ -314,7 +335,8 @@ def _until_eos(row: list[int], eos: list[int]) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["spectra", "init", "step", "step-one", "generate", "tour"])
+    parser.add_argument("what", choices=["spectra", "init", "step", "step-one", "generate", "tour", "publish"])
+    parser.add_argument("--wall-min", type=float, default=float("nan"), help="publish: the experiment's wall time")
     parser.add_argument("--runs", default="runs/real_model_tour", help="tour: the run path")
     parser.add_argument("--cache", default=None, help="the builtin cache (default runs/.builtin)")
     parser.add_argument("--rank", type=int, default=8, help="init: the rank")
@@ -326,7 +348,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"))
     args = parser.parse_args(argv)
     {"spectra": spectra, "init": init, "step": step, "step-one": step_one, "generate": generate,
-     "tour": tour}[args.what](args)
+     "tour": tour, "publish": publish}[args.what](args)
 
 
 if __name__ == "__main__":

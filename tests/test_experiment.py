@@ -207,8 +207,8 @@ def _csv(path: Path, drop: tuple = ()) -> list[dict]:
 
 
 def _report_tables(folder: Path) -> dict:
-    """The report's tables without the training time (wall-clock, not a result)."""
-    return {name: _csv(folder / name, drop=("train_seconds_mean",))
+    """The report's tables without the training time, speed and peak memory (of the machine, not results)."""
+    return {name: _csv(folder / name, drop=("train_seconds_mean", "tokens_per_second_mean", "peak_memory_mib_mean"))
             for name in ("report.csv", "comparisons.csv", "selection.csv", "forgetting.csv")}
 
 

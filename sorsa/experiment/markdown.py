@@ -145,7 +145,7 @@ def _text_forgetting(exp: Experiment, rows: list[dict]) -> list[str]:
             f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
         increase = "–" if r.get("increase") is None else f"{r['increase']:+.4f}"
         lines.append(f"| {r['row']} | {fmt(r['cross_entropy'], 4)} | {increase} | {interval} | "
-                     f"{r.get('n_seeds', '–')} |")
+                     f"{r.get('n_seeds') or '–'} |")
     return lines + [""]
 
 

@@ -20,12 +20,9 @@ from .peft_lora import LoraMethod, PissaMethod
 class DoraMethod(LoraMethod):
     """DoRA: the weight split into a magnitude (trained) and a direction (adapted by LoRA)."""
 
-    name = "dora"
-    label = "DoRA"
-    color = "tab:purple"
+    name, label, color = "dora", "DoRA", "tab:purple"
     source = "DoRA, Liu et al. 2024 (arXiv 2402.09353), through peft (use_dora=True)"
-    lora_options = {"use_dora": True}
-    quantizable = False  # not wired to this project's streaming 4-bit loader
+    lora_options, quantizable = {"use_dora": True}, False  # quantizable: not wired to the streaming 4-bit loader
 
     def trainable_count(self, layers, rank, total):
         return super().trainable_count(layers, rank, total) + sum(o for _, o, _ in layers)  # + the magnitude m
@@ -34,21 +31,16 @@ class DoraMethod(LoraMethod):
 class RsLoraMethod(LoraMethod):
     """rsLoRA: the rank-stabilised scale alpha / √r (so the update does not shrink as r grows)."""
 
-    name = "rslora"
-    label = "rsLoRA"
-    color = "tab:olive"
+    name, label, color = "rslora", "rsLoRA", "tab:olive"
     source = "rsLoRA, Kalajdzievski 2023 (arXiv 2312.03732), through peft (use_rslora=True)"
-    lora_options = {"use_rslora": True}
-    quantizable = False
+    lora_options, quantizable = {"use_rslora": True}, False
 
 
 class OLoraMethod(PissaMethod):
     """OLoRA: A and B from the QR decomposition of W (orthonormal B), the base becomes the residual."""
 
-    name = "olora"
+    name, label, color = "olora", "OLoRA", "tab:cyan"
     init_family = "olora"
-    label = "OLoRA"
-    color = "tab:cyan"
     source = "OLoRA, Büyükakyüz 2024 (arXiv 2406.01775), through peft (init_lora_weights='olora')"
     quantizable = False
 
@@ -57,10 +49,8 @@ class MiLoraMethod(PissaMethod):
     """MiLoRA: PiSSA's construction on the r smallest singular triplets (the minor components), so the adapter
     starts in the directions pretraining used least."""
 
-    name = "milora"
+    name, label, color = "milora", "MiLoRA", "tab:brown"
     init_family = "milora"
-    label = "MiLoRA"
-    color = "tab:brown"
     source = "MiLoRA, Wang et al. 2024 (arXiv 2406.09044); this project's full SVD, the r smallest triplets"
     quantizable = False
 
@@ -68,9 +58,7 @@ class MiLoraMethod(PissaMethod):
 class LoftQMethod(LoraMethod):
     """LoftQ: listed so that `-p loftq` says why it cannot run here instead of being unknown."""
 
-    name = "loftq"
-    label = "LoftQ"
-    color = "tab:pink"
+    name, label, color = "loftq", "LoftQ", "tab:pink"
     source = "LoftQ, Li et al. 2023 (arXiv 2310.08659): refused with the reason (peft's LoftQ needs CUDA)"
     quantizable = False
 

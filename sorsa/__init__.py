@@ -13,7 +13,7 @@ for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 from .core.adapter_io import export_lora, load_adapter, save_adapter  # noqa: E402
-from .core.config import SORSAConfig  # noqa: E402
+from .core.options import SORSAConfig  # noqa: E402
 from .core.layer import SORSALinear  # noqa: E402
 from .core.model import (apply_sorsa, disable_adapter, format_parameter_summary, merge_adapter,  # noqa: E402
                          merge_and_unload, orthonormal_loss, parameter_summary, sorsa_layers, unmerge_adapter)

@@ -287,7 +287,7 @@ def to_toolkit_adapter(peft_dir, out_dir) -> None:
     from safetensors.torch import load_file
 
     from .core.adapter_io import write_adapter
-    from .core.config import SORSAConfig
+    from .core.options import SORSAConfig
 
     cfg = json.loads((Path(peft_dir) / "adapter_config.json").read_text())
     if cfg.get("peft_type") != "SORSA":

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import functional as SF
-from .config import SORSAConfig
+from .options import SORSAConfig
 from .fileio import atomic_save_safetensors, atomic_write_text
 from .layer import SORSALinear
 from .model import quantize_linear_layers, replace_module, sorsa_layers

@@ -11,7 +11,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import functional as SF
-from .config import SORSAConfig
+from .options import SORSAConfig
 from .distributed import from_rank_zero, full_numel, gathered_parameters, is_partitioned, process_rank
 from .layer import SORSALinear
 from .svd_cache import SVDCache

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import SORSAConfig
+from ..core.options import SORSAConfig
 from ..core.fileio import TensorReader, checkpoint_files
 from ..core.errors import MissingFileError, UserError
 

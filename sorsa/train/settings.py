@@ -1,6 +1,6 @@
 """The run settings of the command line and of experiments: RunConfig (one field per flag, with its help, choices and
 whether it decides the training result), JobOptions (reports, analysis, planning), and YAML loading.
-The adapter's own settings are sorsa.core.config.SORSAConfig."""
+The adapter's own settings are sorsa.core.options.SORSAConfig."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.config import SORSAConfig, check_positive_int
+from ..core.options import SORSAConfig, check_positive_int
 from ..core.dtypes import PRECISIONS, parse_dtype
 from ..core.errors import MissingFileError, UserError
 from ..core.functional import ALPHA_INIT, FAST_MAX_ITER, FAST_TOL, SVD_METHODS

@@ -551,7 +551,7 @@ def test_text_forgetting_matches_a_recomputation_and_is_not_measured_twice(tmp_p
     # PEFT's efficiency columns: the mean of what each run's completion marker recorded
     summary = _csv(exp.folder / "report.csv")[0]
     runs = [RunDir(exp.runs_folder / s.name) for s in exp.final_runs({a: a.combos[0] for a in exp.arms})]
-    sizes = [sum(f.stat().st_size for f in (r.path / "adapter").rglob("*") if f.is_file()) for r in runs]
+    sizes = [sum(f.stat().st_size for f in (r.path / "adapter").rglob("*.safetensors")) for r in runs]
     assert float(summary["saved_bytes_mean"]) == pytest.approx(sum(sizes) / 2)
     assert float(summary["peak_memory_mib_mean"]) > 100 and float(summary["tokens_per_second_mean"]) > 0
     done = [r.read_done() for r in runs]

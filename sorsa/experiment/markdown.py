@@ -58,7 +58,7 @@ def _efficiency(summary: list[dict]) -> list[str]:
     """PEFT's efficiency columns per arm (means over the seeds' completion markers)."""
     lines = ["## Efficiency", "", "Per arm, mean over its runs: trainable parameters, training time, input tokens per "
              "second of training, peak memory (CUDA's peak allocation on a GPU, else the process's resident high-water "
-             "mark, which includes the base model) and the size of what training saved (the adapter, or the model).", "",
+             "mark, which includes the base model) and the size of the weights training saved (the adapter, or the model).", "",
              "| Method | trainable params | train time / run | tokens/s | peak memory | saved |", "|---|---|---|---|---|---|"]
     for label in dict.fromkeys(r["arm"] for r in summary):
         r = next(x for x in summary if x["arm"] == label)

@@ -229,7 +229,8 @@ def _efficiency(run: RunDir, method, trainer) -> dict:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     saved = run.trained_dir(method)
-    size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) if saved.is_dir() else None
+    # the weights' size (PEFT's "file size"): the JSON beside them records the run's history, not its result
+    size = sum(f.stat().st_size for f in saved.rglob("*.safetensors")) if saved.is_dir() else None
     return {"peak_memory_mib": round(peak, 1), "tokens_per_second": tokens / runtime if tokens and runtime else None,
             "saved_bytes": size}
 
